@@ -280,9 +280,11 @@ class ImagePsfMatchTask:
         cfg = self.kconfig
         k_order, b_order = cfg.spatial_kernel_order, cfg.spatial_bg_order
         if self.config.auto_reduce_spatial_order:
-            while k_order > 0 and n_good < _n_terms(k_order):
+            # keep at least one candidate more than terms, so the spatial model is not
+            # an exact interpolation of the few stars it has
+            while k_order > 0 and n_good <= _n_terms(k_order):
                 k_order -= 1
-            while fit_for_background and b_order > 0 and n_good < _n_terms(b_order):
+            while fit_for_background and b_order > 0 and n_good <= _n_terms(b_order):
                 b_order -= 1
             if k_order != cfg.spatial_kernel_order or (
                     fit_for_background and b_order != cfg.spatial_bg_order):
