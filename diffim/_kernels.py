@@ -9,10 +9,13 @@ over the *valid* region, which is the afw "convolution" (a correlation) once the
 output is placed at the kernel centre.
 """
 
+import math
+
 import numpy as np
 from numba import njit, prange
 
 _CACHE = True
+_SIGMA_PER_FWHM = 1.0 / (2.0 * math.sqrt(2.0 * math.log(2.0)))  # Gaussian sigma / FWHM
 
 
 @njit(cache=_CACHE, nogil=True)
@@ -317,3 +320,111 @@ def or_filter_box(mask, half_x, half_y):
         _or_window_1d(tmp_t[x], out_t[x], half_y)
     out[:, :] = out_t.T
     return out
+
+
+# ---------------------------------------------------------------------------
+# simulator rendering (diffim.simulate._render is the validated wrapper)
+# ---------------------------------------------------------------------------
+
+@njit(cache=_CACHE, nogil=True)
+def erf_pixel_weights(c, lo, n, sigma):
+    """Fraction of a unit 1-D Gaussian centred at ``c`` falling in pixels lo..lo+n-1.
+
+    Differences of consecutive ``erf`` values: the exact pixel integral, so no
+    supersampling error; each edge's ``erf`` is computed once and reused.
+    """
+    out = np.empty(n)
+    k = 1.0 / (math.sqrt(2.0) * sigma)
+    prev = math.erf((lo - 0.5 - c) * k)
+    for m in range(n):
+        nxt = math.erf((lo + m + 0.5 - c) * k)
+        out[m] = 0.5 * (nxt - prev)
+        prev = nxt
+    return out
+
+
+@njit(cache=_CACHE, nogil=True)
+def add_gaussian_sources(img, xs, ys, fluxes, fwhms, radii, sums):
+    """Add pixel-integrated Gaussians to ``img`` in place; ``sums[k]`` gets the flux deposited.
+
+    Each source covers the square stamp of half-width ``radii[k]`` around its
+    nearest pixel, clipped to the image.  A Python loop over sources and stamp
+    pixels would dominate simulation time, hence numba.
+    """
+    ny, nx = img.shape
+    for k in range(xs.size):
+        sigma = fwhms[k] * _SIGMA_PER_FWHM
+        r = radii[k]
+        ix = int(math.floor(xs[k] + 0.5))
+        iy = int(math.floor(ys[k] + 0.5))
+        x0 = max(ix - r, 0)
+        x1 = min(ix + r + 1, nx)
+        y0 = max(iy - r, 0)
+        y1 = min(iy + r + 1, ny)
+        if x0 >= x1 or y0 >= y1:
+            sums[k] = 0.0
+            continue
+        # The 2-D Gaussian is separable, so its exact pixel integral is an
+        # outer product of 1-D erf differences: no supersampling error at all.
+        wx = erf_pixel_weights(xs[k], x0, x1 - x0, sigma)
+        wy = erf_pixel_weights(ys[k], y0, y1 - y0, sigma)
+        tot = 0.0
+        for j in range(y1 - y0):
+            fy = fluxes[k] * wy[j]
+            for i in range(x1 - x0):
+                v = fy * wx[i]
+                img[y0 + j, x0 + i] += v
+                tot += v
+        sums[k] = tot
+
+
+@njit(cache=_CACHE, nogil=True, fastmath=True)
+def add_moffat_sources(img, xs, ys, fluxes, fwhms, beta, radii, ss_core, sums):
+    """Add pixel-integrated (supersampled) Moffats, analytically normalised, to ``img`` in place.
+
+    ``sums[k]`` gets the flux deposited.  The Moffat has no closed-form pixel
+    integral, so pixels are midpoint-supersampled (``ss_core`` per axis in the
+    core, 3 and then 1 in the wings): far too many samples for a Python loop.
+    """
+    ny, nx = img.shape
+    c = 2.0 * math.sqrt(2.0 ** (1.0 / beta) - 1.0)
+    for k in range(xs.size):
+        alpha = fwhms[k] / c
+        ia2 = 1.0 / (alpha * alpha)
+        amp = fluxes[k] * (beta - 1.0) / (math.pi * alpha * alpha)
+        # Supersampling tiers: the midpoint rule's relative error per pixel is
+        # ~ |laplacian f| / (24 n² f).  In the wings (power law r^-2β) that is
+        # (2β)² / (24 n² r²): below 0.3 % for n = 3 beyond r = 2.5β and for
+        # n = 1 beyond r = 7.5β, so only the core needs the fine grid.
+        rc2 = max(2.0 * fwhms[k] + 1.0, 2.5 * beta) ** 2
+        rm2 = max(5.0 * fwhms[k], 7.5 * beta) ** 2
+        r = radii[k]
+        ix = int(math.floor(xs[k] + 0.5))
+        iy = int(math.floor(ys[k] + 0.5))
+        x0 = max(ix - r, 0)
+        x1 = min(ix + r + 1, nx)
+        y0 = max(iy - r, 0)
+        y1 = min(iy + r + 1, ny)
+        tot = 0.0
+        for py in range(y0, y1):
+            ddy = py - ys[k]
+            for px in range(x0, x1):
+                ddx = px - xs[k]
+                d2 = ddx * ddx + ddy * ddy
+                if d2 < rc2:
+                    n = ss_core
+                elif d2 < rm2:
+                    n = 3
+                else:
+                    n = 1
+                acc = 0.0
+                for sj in range(n):
+                    oy = ddy + (sj + 0.5) / n - 0.5
+                    uy = 1.0 + oy * oy * ia2
+                    for si in range(n):
+                        ox = ddx + (si + 0.5) / n - 0.5
+                        acc += (uy + ox * ox * ia2) ** (-beta)
+                v = amp * acc / (n * n)
+                img[py, px] += v
+                tot += v
+        sums[k] = tot

@@ -76,8 +76,8 @@ import numpy as np
 from astropy.io import fits
 from astropy.table import Table
 from astropy.wcs import WCS
-from numba import njit
 
+from . import _kernels
 from .exceptions import ConfigError
 from .image import Exposure, MaskedImage, write_fits
 
@@ -104,100 +104,6 @@ _DEFAULT_TRANSIENT_SNR = 30.0
 _THREAD_MIN_PIXELS = 512 * 512  # below this, thread start-up costs more than it saves
 
 
-# ---------------------------------------------------------------------------
-# numba rendering kernels (private)
-# ---------------------------------------------------------------------------
-
-@njit(cache=True, nogil=True)
-def _erf_weights(c, lo, n, sigma):
-    """Fraction of a unit 1-D Gaussian centred at ``c`` falling in pixels lo..lo+n-1."""
-    out = np.empty(n)
-    k = 1.0 / (math.sqrt(2.0) * sigma)
-    prev = math.erf((lo - 0.5 - c) * k)
-    for m in range(n):
-        nxt = math.erf((lo + m + 0.5 - c) * k)
-        out[m] = 0.5 * (nxt - prev)
-        prev = nxt
-    return out
-
-
-@njit(cache=True, nogil=True)
-def _add_gaussian(img, xs, ys, fluxes, fwhms, radii, sums):
-    """Add pixel-integrated Gaussians to ``img``; ``sums[k]`` gets the flux deposited."""
-    ny, nx = img.shape
-    for k in range(xs.size):
-        sigma = fwhms[k] * _SIGMA_PER_FWHM
-        r = radii[k]
-        ix = int(math.floor(xs[k] + 0.5))
-        iy = int(math.floor(ys[k] + 0.5))
-        x0 = max(ix - r, 0)
-        x1 = min(ix + r + 1, nx)
-        y0 = max(iy - r, 0)
-        y1 = min(iy + r + 1, ny)
-        if x0 >= x1 or y0 >= y1:
-            sums[k] = 0.0
-            continue
-        # The 2-D Gaussian is separable, so its exact pixel integral is an
-        # outer product of 1-D erf differences: no supersampling error at all.
-        wx = _erf_weights(xs[k], x0, x1 - x0, sigma)
-        wy = _erf_weights(ys[k], y0, y1 - y0, sigma)
-        tot = 0.0
-        for j in range(y1 - y0):
-            fy = fluxes[k] * wy[j]
-            for i in range(x1 - x0):
-                v = fy * wx[i]
-                img[y0 + j, x0 + i] += v
-                tot += v
-        sums[k] = tot
-
-
-@njit(cache=True, nogil=True, fastmath=True)
-def _add_moffat(img, xs, ys, fluxes, fwhms, beta, radii, ss_core, sums):
-    """Add pixel-integrated (supersampled) Moffats, analytically normalised."""
-    ny, nx = img.shape
-    c = 2.0 * math.sqrt(2.0 ** (1.0 / beta) - 1.0)
-    for k in range(xs.size):
-        alpha = fwhms[k] / c
-        ia2 = 1.0 / (alpha * alpha)
-        amp = fluxes[k] * (beta - 1.0) / (math.pi * alpha * alpha)
-        # Supersampling tiers: the midpoint rule's relative error per pixel is
-        # ~ |laplacian f| / (24 n² f).  In the wings (power law r^-2β) that is
-        # (2β)² / (24 n² r²): below 0.3 % for n = 3 beyond r = 2.5β and for
-        # n = 1 beyond r = 7.5β, so only the core needs the fine grid.
-        rc2 = max(2.0 * fwhms[k] + 1.0, 2.5 * beta) ** 2
-        rm2 = max(5.0 * fwhms[k], 7.5 * beta) ** 2
-        r = radii[k]
-        ix = int(math.floor(xs[k] + 0.5))
-        iy = int(math.floor(ys[k] + 0.5))
-        x0 = max(ix - r, 0)
-        x1 = min(ix + r + 1, nx)
-        y0 = max(iy - r, 0)
-        y1 = min(iy + r + 1, ny)
-        tot = 0.0
-        for py in range(y0, y1):
-            ddy = py - ys[k]
-            for px in range(x0, x1):
-                ddx = px - xs[k]
-                d2 = ddx * ddx + ddy * ddy
-                if d2 < rc2:
-                    n = ss_core
-                elif d2 < rm2:
-                    n = 3
-                else:
-                    n = 1
-                acc = 0.0
-                for sj in range(n):
-                    oy = ddy + (sj + 0.5) / n - 0.5
-                    uy = 1.0 + oy * oy * ia2
-                    for si in range(n):
-                        ox = ddx + (si + 0.5) / n - 0.5
-                        acc += (uy + ox * ox * ia2) ** (-beta)
-                v = amp * acc / (n * n)
-                img[py, px] += v
-                tot += v
-        sums[k] = tot
-
-
 def _render(img, xs, ys, fluxes, fwhms, psf, beta, supersample, radius_fwhm=None):
     """Add point sources to float64 ``img`` in place; return flux deposited per source."""
     xs = np.ascontiguousarray(xs, dtype=np.float64)
@@ -211,9 +117,10 @@ def _render(img, xs, ys, fluxes, fwhms, psf, beta, supersample, radius_fwhm=None
         radius_fwhm = _STAMP_RADIUS_FWHM[psf]
     radii = np.ceil(radius_fwhm * fwhms).astype(np.int64)
     if psf == "gaussian":
-        _add_gaussian(img, xs, ys, fluxes, fwhms, radii, sums)
+        _kernels.add_gaussian_sources(img, xs, ys, fluxes, fwhms, radii, sums)
     else:
-        _add_moffat(img, xs, ys, fluxes, fwhms, float(beta), radii, int(supersample), sums)
+        _kernels.add_moffat_sources(img, xs, ys, fluxes, fwhms, float(beta), radii,
+                                    int(supersample), sums)
     return sums
 
 

@@ -89,3 +89,52 @@ def test_or_filter_box(rng, shape, hx, hy):
     mask.flat[idx] = 1 << rng.integers(0, 8, size=12)
     np.testing.assert_array_equal(_kernels.or_filter_box(mask, hx, hy),
                                   ref.or_filter_box(mask, hx, hy))
+
+
+def _sources(rng, shape, n):
+    """Random sources over and just beyond a ``shape`` image, plus fixed edge/corner/outside cases."""
+    ny, nx = shape
+    xs = np.r_[rng.uniform(-4, nx + 3, n), -0.5, nx - 0.51, 0.0, nx + 30.0, nx / 2 + 0.5]
+    ys = np.r_[rng.uniform(-4, ny + 3, n), ny - 0.5, -0.49, 0.0, ny / 2, -40.0]
+    fluxes = rng.uniform(10.0, 1e5, xs.size)
+    fwhms = rng.uniform(1.2, 4.0, xs.size)
+    return xs, ys, fluxes, fwhms
+
+
+@pytest.mark.parametrize("c,lo,n,sigma", [(0.0, -6, 13, 1.0), (3.3, 0, 5, 0.7), (-2.2, 0, 20, 2.5)])
+def test_erf_pixel_weights(c, lo, n, sigma):
+    w = _kernels.erf_pixel_weights(c, lo, n, sigma)
+    w_ref = ref.erf_pixel_weights(c, lo, n, sigma)
+    # far-wing weights are differences of erf values near ±1: allow a few ulp of 1 absolute
+    np.testing.assert_allclose(w, w_ref, rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("radius_fwhm", [5.0, 1.0])
+def test_add_gaussian_sources(rng, radius_fwhm):
+    shape = (37, 44)
+    xs, ys, fluxes, fwhms = _sources(rng, shape, 12)
+    radii = np.ceil(radius_fwhm * fwhms).astype(np.int64)
+    img0 = rng.normal(size=shape)
+    img = img0.copy()
+    sums = np.full(xs.size, -1.0)
+    _kernels.add_gaussian_sources(img, xs, ys, fluxes, fwhms, radii, sums)
+    img_ref, sums_ref = ref.add_gaussian_sources(img0, xs, ys, fluxes, fwhms, radii)
+    atol = 1e-14 * fluxes.max()  # erf cancellation in the far wings, as above
+    np.testing.assert_allclose(img - img0, img_ref - img0, rtol=1e-10, atol=atol)
+    np.testing.assert_allclose(sums, sums_ref, rtol=1e-10, atol=atol)
+    assert sums[-2] == 0.0 and sums[-1] == 0.0  # stamps entirely off the image
+
+
+@pytest.mark.parametrize("beta,ss_core", [(1.5, 7), (2.5, 5), (4.0, 1)])
+def test_add_moffat_sources(rng, beta, ss_core):
+    shape = (41, 38)
+    xs, ys, fluxes, fwhms = _sources(rng, shape, 10)
+    radii = np.ceil(8.0 * fwhms).astype(np.int64)
+    img0 = rng.normal(size=shape)
+    img = img0.copy()
+    sums = np.full(xs.size, -1.0)
+    _kernels.add_moffat_sources(img, xs, ys, fluxes, fwhms, beta, radii, ss_core, sums)
+    img_ref, sums_ref = ref.add_moffat_sources(img0, xs, ys, fluxes, fwhms, beta, radii, ss_core)
+    np.testing.assert_allclose(img - img0, img_ref - img0, rtol=1e-10)
+    np.testing.assert_allclose(sums, sums_ref, rtol=1e-10)
+    assert sums[-2] == 0.0 and sums[-1] == 0.0  # stamps entirely off the image
