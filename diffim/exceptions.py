@@ -15,6 +15,7 @@ __all__ = [
     "NoKernelCandidatesError",
     "InsufficientCandidatesError",
     "KernelSolutionError",
+    "RegistrationError",
     "DiffimWarning",
 ]
 
@@ -53,6 +54,10 @@ class InsufficientCandidatesError(NoKernelCandidatesError):
 
 class KernelSolutionError(DiffimError):
     """The kernel or spatial least-squares system could not be solved."""
+
+
+class RegistrationError(DiffimError):
+    """No reliable geometric transform between the two images could be found."""
 
 
 class DiffimWarning(UserWarning):
