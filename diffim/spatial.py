@@ -144,15 +144,19 @@ class BackgroundModel:
             return np.zeros(np.broadcast(np.asarray(x), np.asarray(y)).shape)[()]
         return np.tensordot(self.coefficients, self.function.evaluate(x, y), axes=1)[()]
 
-    def image(self, bbox):
-        """The background on the pixel grid of a half-open parent box, float64."""
+    def image(self, bbox, dtype=np.float64):
+        """The background on the pixel grid of a half-open parent box."""
         x0, y0, x1, y1 = bbox
-        out = np.zeros((y1 - y0, x1 - x0))
+        out = np.zeros((y1 - y0, x1 - x0), dtype=dtype)
         if self.function is None:
             return out
         fx, fy = self.function.axis_factors(np.arange(x0, x1), np.arange(y0, y1))
-        for c, (p, q) in zip(self.coefficients, self.function.powers):
-            out += c * np.outer(fy[q], fx[p])
+        # group the terms by their y power: one outer product per power, not per term
+        for q in range(self.function.order + 1):
+            row = sum(c * fx[p] for c, (p, qq) in zip(self.coefficients, self.function.powers)
+                      if qq == q)
+            if np.any(row):
+                out += np.outer(fy[q], row).astype(dtype, copy=False)
         return out
 
     def to_hdu(self):

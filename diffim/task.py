@@ -105,6 +105,8 @@ def _check_same_grid(template, science):
 def _merged_mask(a, b):
     """OR of two masks, matching planes by name; returns (mask, planes) in ``a``'s numbering."""
     planes = dict(a.mask_planes)
+    if all(planes.get(name) == bit for name, bit in b.mask_planes.items()):
+        return a.mask | b.mask, planes
     out = a.mask.copy()
     for name, bit in b.mask_planes.items():
         if name not in planes:
@@ -397,14 +399,17 @@ class ImagePsfMatchTask:
 
     def _difference(self, science, matched, background, scale=1.0, invert=False):
         """``(S − M − bg)/scale`` (or ``(M + bg − S)/scale``), with variance and mask."""
-        bg = background.image(science.bbox)
-        d = science.image.astype(np.float64) - matched.image - bg
+        # float32 throughout: the inputs are float32 and this runs over whole images
+        d = science.image - matched.image
+        d -= background.image(science.bbox, dtype=np.float32)
         if invert:
-            d = -d
+            np.negative(d, out=d)
+        var = science.variance + matched.variance
+        if scale != 1.0:
+            d /= np.float32(scale)
+            var /= np.float32(scale**2)
         mask, planes = _merged_mask(science, matched)
-        var = (science.variance.astype(np.float64) + matched.variance) / scale**2
-        return MaskedImage((d / scale).astype(np.float32), mask, var.astype(np.float32),
-                           xy0=science.xy0, mask_planes=planes)
+        return MaskedImage(d, mask, var, xy0=science.xy0, mask_planes=planes)
 
     def _resolve_mode(self, mode, convolve_template, fwhm_t, fwhm_s):
         if mode is None:
