@@ -10,8 +10,10 @@ camelCase to snake_case (``sizeCellX`` → ``size_cell_x``, ``nStarPerCell`` →
     │   └── df: PsfMatchConfigDF        PsfMatchConfig + delta-function regularization
     │       (each with warping_config, detection_config, afw_background_config)
     ├── select: SourceSelectionConfig   sep-based kernel-source selection (beyond ip_diffim)
+    ├── registration: RegistrationConfig  WCS or catalog registration (beyond ip_diffim)
     ├── auto_reduce_spatial_order
-    └── mode                            convolveTemplate | convolveScience | auto
+    ├── mode                            convolveTemplate | convolveScience | auto
+    └── qa: QAConfig                    which diagnostic plots diffim.qa writes
 
 The classes are plain mutable dataclasses: set attributes freely, then call
 :meth:`~ImagePsfMatchConfig.validate`, which checks the whole tree and raises
@@ -62,6 +64,8 @@ __all__ = [
     "PsfMatchConfigAL",
     "PsfMatchConfigDF",
     "SourceSelectionConfig",
+    "RegistrationConfig",
+    "QAConfig",
     "KernelChoice",
     "ImagePsfMatchConfig",
     "camel_to_snake",
@@ -826,6 +830,63 @@ class SourceSelectionConfig(_Config):
                 f"{prefix}max_kernel_sources = {self.max_kernel_sources}; make min <= max")
 
 
+@dataclasses.dataclass
+class RegistrationConfig(_Config):
+    """How the template is brought onto the science pixel grid (beyond ip_diffim).
+
+    With ``method`` "auto", two different WCSs are used directly (the template is warped
+    with the WCS pair); when either image has no WCS and the pixel grids differ, stars
+    detected in both images are matched to fit a ``transform`` (catalog registration).
+    "wcs" never uses catalogs; "catalog" always does, ignoring the WCSs.
+    """
+
+    method: str = _f(
+        "auto", "Registration: auto (WCS when both images have one, else catalogs), wcs or "
+        "catalog.", choices=("auto", "wcs", "catalog"))
+    transform: str = _f(
+        "affine", "Catalog-registration transform: shift or affine.",
+        choices=("shift", "affine"))
+    min_overlap_fraction: float = _f(
+        0.1, "Smallest fraction of the science image the warped template must cover.",
+        gt=0.0, le=1.0)
+    detection_threshold: float = _f(
+        10.0, "Detection threshold (sigma) of the stars used for catalog registration.",
+        gt=0.0)
+    max_shift: float | None = _f(
+        None, "Largest offset in pixels allowed for catalog registration (null = any).",
+        gt=0.0)
+
+
+@dataclasses.dataclass
+class QAConfig(_Config):
+    """Diagnostic plots of :func:`diffim.qa.make_qa_plots` (ip_diffim's lsstDebug displays).
+
+    The switches carry the snake_case names of ip_diffim's debug keys (``displayCandidates``
+    → ``display_candidates``), so those load as aliases; the plots are PNG files, not
+    display windows.
+    """
+
+    display_candidates: bool = _f(
+        True, "Stamps and residuals of the kernel candidates (candidates.png).")
+    display_kernel_basis: bool = _f(True, "Mosaic of the kernel basis images (kernel_basis.png).")
+    display_kernel_mosaic: bool = _f(
+        True, "Spatial kernel realised on a grid across the image (kernel_mosaic.png).")
+    plot_kernel_spatial_model: bool = _f(
+        True, "Spatial model of each kernel coefficient vs the single-kernel fits "
+        "(spatial_model.png).")
+    display_spatial_cells: bool = _f(
+        True, "Spatial cells and candidate status on the science image (spatial_cells.png).")
+    display_diff_im: bool = _f(
+        True, "Template, matched image, science, difference and D/sigma histogram "
+        "(difference.png).")
+    show_bad_candidates: bool = _f(
+        True, "Include BAD candidates in the candidate and spatial-model plots.")
+    max_candidates: int = _f(
+        30, "Most candidates shown in candidates.png (the best by rating).", ge=1)
+    kernel_mosaic_grid: int = _f(
+        7, "Kernels per side of the kernel_mosaic.png grid.", ge=2, le=20)
+
+
 _KERNEL_KEYS = {"name": "name", "active": "active", "AL": "AL", "al": "AL", "DF": "DF",
                 "df": "DF"}
 
@@ -914,6 +975,8 @@ class ImagePsfMatchConfig(_Config):
     kernel: KernelChoice = _sub(KernelChoice, "AL/DF kernel choice and both kernel configs.")
     select: SourceSelectionConfig = _sub(
         SourceSelectionConfig, "Kernel-source detection and selection.")
+    registration: RegistrationConfig = _sub(
+        RegistrationConfig, "Registration of the template onto the science grid.")
     auto_reduce_spatial_order: bool = _f(
         True, "Lower the spatial kernel/background orders when too few candidates survive "
         "(logged).")
@@ -921,3 +984,4 @@ class ImagePsfMatchConfig(_Config):
         "convolveTemplate", "Image to convolve: convolveTemplate, convolveScience or auto "
         "(the one with the narrower PSF).",
         choices=("convolveTemplate", "convolveScience", "auto"))
+    qa: QAConfig = _sub(QAConfig, "Diagnostic plots written by 'diffim qa' / diffim.qa.")

@@ -1093,8 +1093,12 @@ def _read_plain(path, hdul, hdu):
     psf_fwhm = _read_fwhm(path, merged, wcs)
     phot = _header_number(merged, ("PHOTSCAL",))
     phot_scale = phot[1] if phot is not None and phot[1] > 0 else None
+    metadata = _clean_metadata(merged)
+    if psf_fwhm is not None:
+        # a seeing keyword is only a hint: the task measures the PSF from stars when it can
+        metadata["FWHMSRC"] = ("header", "psf_fwhm is a header hint, not a measurement")
     exposure = Exposure(mi, wcs=wcs, psf_fwhm=psf_fwhm, phot_scale=phot_scale,
-                        metadata=_clean_metadata(merged))
+                        metadata=metadata)
     log.debug("read %s %s: %dx%d %s, %d NO_DATA, %d SAT, psf_fwhm=%s", path, label,
               image.shape[1], image.shape[0], raw.dtype, int(nodata.sum()), int(sat.sum()),
               psf_fwhm)

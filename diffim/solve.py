@@ -20,6 +20,7 @@ from .exceptions import KernelSolutionError, NoKernelCandidatesError
 __all__ = [
     "design_columns",
     "stamp_good_pixels",
+    "difference_stamp",
     "difference_stats",
     "build_candidate",
     "build_single_kernels",
@@ -75,11 +76,35 @@ def stamp_good_pixels(candidate, kernel_size, bad_bits):
     good = candidate.extra.get(key)
     if good is None:
         half = kernel_size // 2
-        tmask = _kernels.or_filter_box(np.ascontiguousarray(candidate.template.mask), half, half)
+        tmask = _kernels.or_filter_box_serial(np.ascontiguousarray(candidate.template.mask),
+                                              half, half)
         good = ((_valid(candidate.science.mask, kernel_size) | _valid(tmask, kernel_size))
                 & bad_bits) == 0
         candidate.extra[key] = good
     return good
+
+
+def difference_stamp(candidate, kernel_image, background):
+    """``D = S − (K⋆T + bg)`` and its variance ``V_S + K²⋆V_T`` over the fit region.
+
+    Parameters
+    ----------
+    candidate : KernelCandidate
+    kernel_image : ndarray, shape (k, k)
+    background : float
+
+    Returns
+    -------
+    (diff, var) : tuple of ndarray, shape (ny − k + 1, nx − k + 1)
+    """
+    k = kernel_image.shape[0]
+    t = np.ascontiguousarray(candidate.template.image, dtype=np.float64)
+    kern = np.ascontiguousarray(kernel_image, dtype=np.float64)
+    diff = _valid(candidate.science.image, k) - _kernels.correlate_valid(t, kern) - background
+    var = (_valid(candidate.science.variance, k)
+           + _kernels.correlate_valid(np.ascontiguousarray(candidate.template.variance,
+                                                           dtype=np.float64), kern * kern))
+    return np.ascontiguousarray(diff), var
 
 
 def difference_stats(candidate, kernel_image, background, bad_bits, config):
@@ -100,12 +125,7 @@ def difference_stats(candidate, kernel_image, background, bad_bits, config):
     ResidualStats
     """
     k = kernel_image.shape[0]
-    t = np.ascontiguousarray(candidate.template.image, dtype=np.float64)
-    kern = np.ascontiguousarray(kernel_image, dtype=np.float64)
-    diff = _valid(candidate.science.image, k) - _kernels.correlate_valid(t, kern) - background
-    var = (_valid(candidate.science.variance, k)
-           + _kernels.correlate_valid(np.ascontiguousarray(candidate.template.variance,
-                                                           dtype=np.float64), kern * kern))
+    diff, var = difference_stamp(candidate, kernel_image, background)
     good = stamp_good_pixels(candidate, k, bad_bits)
     if config.use_core_stats:
         good = good.copy()
@@ -114,7 +134,7 @@ def difference_stats(candidate, kernel_image, background, bad_bits, config):
         cy, cx = good.shape[0] // 2, good.shape[1] // 2
         core[max(cy - r, 0):cy + r + 1, max(cx - r, 0):cx + r + 1] = True
         good &= core
-    mean, std, npix = _kernels.residual_stats(np.ascontiguousarray(diff), var, good)
+    mean, std, npix = _kernels.residual_stats(diff, var, good)
     return ResidualStats(float(mean), float(std), int(npix))
 
 

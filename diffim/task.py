@@ -17,12 +17,12 @@ from .config import ImagePsfMatchConfig
 from .convolve import convolve_masked_image
 from .exceptions import (
     ImageShapeMismatchError,
-    ImagesNotRegisteredError,
     NoKernelCandidatesError,
 )
 from .image import Exposure, MaskedImage
 from .solve import build_single_kernels, kernel_sum_clip, make_pca_basis
 from .spatial import assess_spatial_kernel, fit_spatial_kernel
+from .warp import register_and_warp
 
 __all__ = ["ImagePsfMatchTask", "PsfMatchResult"]
 
@@ -116,14 +116,11 @@ def _merged_mask(a, b):
     return out, planes
 
 
-def _wcs_equal(w1, w2):
-    if w1 is None or w2 is None:
-        return w1 is None and w2 is None
-    if w1.wcs.compare(w2.wcs, tolerance=1e-10):
-        return getattr(w1, "sip", None) is None and getattr(w2, "sip", None) is None or (
-            w1.sip is not None and w2.sip is not None
-            and np.allclose(w1.sip.a, w2.sip.a) and np.allclose(w1.sip.b, w2.sip.b))
-    return False
+def _product_metadata(exposure):
+    """Metadata for a product: the input's, less the note that its FWHM was a header hint."""
+    metadata = exposure.metadata.copy()
+    metadata.remove("FWHMSRC", ignore_missing=True)
+    return metadata
 
 
 class ImagePsfMatchTask:
@@ -182,19 +179,32 @@ class ImagePsfMatchTask:
         return _positions(table)
 
     def _fwhm(self, exposure, given, which):
+        """PSF FWHM in pixels: the argument, a known value, or a measurement from stars.
+
+        A value read from a seeing keyword (``FWHMSRC = 'header'``) is only a hint: it is
+        used when no star can be measured.
+        """
         if given is not None:
             return float(given)
-        if exposure.psf_fwhm is not None:
-            return float(exposure.psf_fwhm)
+        hint = exposure.psf_fwhm
+        if hint is not None and exposure.metadata.get("FWHMSRC") != "header":
+            return float(hint)
         from .detect import measure_fwhm
 
         try:
             fwhm = float(measure_fwhm(exposure.masked_image))
         except NoKernelCandidatesError as exc:
+            if hint is not None:
+                log.warning("Could not measure the %s PSF FWHM (%s); using the header value "
+                            "%.3f px", which, exc, hint)
+                return float(hint)
             log.warning("No PSF FWHM for the %s image and none measurable (%s); the basis "
                         "uses the configured sigmas", which, exc)
             return None
-        log.info("Measured %s PSF FWHM: %.3f px", which, fwhm)
+        if hint is not None:
+            log.info("Measured %s PSF FWHM %.3f px (header hint %.3f px)", which, fwhm, hint)
+        else:
+            log.info("Measured %s PSF FWHM: %.3f px", which, fwhm)
         return fwhm
 
     def _solve(self, cell_set, basis, fit_for_background, bad_bits):
@@ -436,9 +446,12 @@ class ImagePsfMatchTask:
         template_exposure, science_exposure : Exposure
         template_fwhm_pix, science_fwhm_pix : float, optional
             Override the exposures' PSF FWHMs (pixels); measured from stars when absent.
+            A template FWHM given here is taken to be in science (warped) pixels.
         candidate_list : Table or (N, 2) array, optional
         do_warping : bool
-            Resample the template onto the science WCS when the WCSs differ.
+            Resample the template onto the science grid (WCS and bbox) when they differ:
+            with the WCS pair, or with a transform from catalog registration when a WCS
+            is missing (``config.registration``; see :func:`diffim.warp.register_and_warp`).
         convolve_template : bool
             False convolves the science image instead (ip_diffim's convolveScience).
         mode : {"convolveTemplate", "convolveScience", "auto"}, optional
@@ -449,24 +462,25 @@ class ImagePsfMatchTask:
         -------
         PsfMatchResult
             Adds ``matched_exposure`` (science WCS and metadata, no PSF) and
-            ``warped_exposure`` (the template on the science grid).
+            ``warped_exposure`` (the template on the science grid: the input template
+            itself when no resampling was needed).  ``metadata`` records the registration
+            (``registrationMethod`` and, for catalogs, ``registrationNMatches``,
+            ``registrationRms``, ``registrationTransform``) and ``warpOverlapFraction``.
 
         Raises
         ------
         ImagesNotRegisteredError
-            The WCSs differ (warping arrives with the exposures stage).
+            The grids differ and ``do_warping`` is False.
+        NoOverlapError
+            The warped template covers less than ``registration.min_overlap_fraction`` of
+            the science image (or nothing).
+        RegistrationError
+            Catalog registration found no reliable transform.
         """
         self.metadata = {}
         template, science = template_exposure, science_exposure
-        if not _wcs_equal(template.wcs, science.wcs):
-            if do_warping:
-                msg = ("template and science have different WCSs and warping is not available "
-                       "in this version; resample the template onto the science grid first")
-            else:
-                msg = ("input images not registered: the WCSs differ and do_warping=False; "
-                       "set do_warping=True or resample the template first")
-            raise ImagesNotRegisteredError(msg)
-        warped = template
+        warped, registration = register_and_warp(template, science, self.config, do_warping)
+        self.metadata.update(registration)
         _check_same_grid(warped.masked_image, science.masked_image)
         fwhm_t = self._fwhm(warped, template_fwhm_pix, "template")
         fwhm_s = self._fwhm(science, science_fwhm_pix, "science")
@@ -485,7 +499,7 @@ class ImagePsfMatchTask:
                                 "scienceFwhmPix": fwhm_s})
         result.matched_exposure = Exposure(result.matched_image, wcs=science.wcs,
                                            psf_fwhm=None, phot_scale=science.phot_scale,
-                                           metadata=science.metadata.copy())
+                                           metadata=_product_metadata(science))
         result.warped_exposure = warped
         return result
 
@@ -524,5 +538,5 @@ class ImagePsfMatchTask:
         result.subtracted_masked_image = diff
         result.subtracted_exposure = Exposure(diff, wcs=science_exposure.wcs, psf_fwhm=psf_fwhm,
                                               phot_scale=phot,
-                                              metadata=science_exposure.metadata.copy())
+                                              metadata=_product_metadata(science_exposure))
         return result

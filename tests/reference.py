@@ -145,3 +145,97 @@ def convolve_variance_brute_force(variance, kernel, xy0=(0, 0)):
             kern = kernel.evaluate(x + xy0[0], y + xy0[1])
             out[y, x] = np.sum(kern**2 * variance[y - c:y + c + 1, x - c:x + c + 1])
     return out
+
+
+# ---------------------------------------------------------------------------
+# template warping
+# ---------------------------------------------------------------------------
+
+def lanczos_weights(f, a):
+    """Lanczos-a weights sinc(d)·sinc(d/a) of pixels floor−a+1 … floor+a, d = pixel − position."""
+    d = np.arange(-a + 1, a + 1) - f
+    # sinc vanishes at non-zero integers; np.sinc leaves ~1e-17 there, which would count
+    # as a non-zero weight in the mask OR
+    w = np.where(d == np.round(d), (d == 0).astype(float), np.sinc(d) * np.sinc(d / a))
+    return w, w.sum()
+
+
+def interpolate_nodes(node_x, node_y, values, ny, nx):
+    """Bilinear interpolation of node values with scipy's regular-grid interpolator."""
+    from scipy.interpolate import RegularGridInterpolator
+
+    ys, xs = np.mgrid[:ny, :nx]
+    if len(node_y) == 1 or len(node_x) == 1:
+        # scipy needs two nodes per axis; a single node means constant along that axis
+        node_y = node_y if len(node_y) > 1 else np.array([node_y[0], node_y[0] + 1.0])
+        node_x = node_x if len(node_x) > 1 else np.array([node_x[0], node_x[0] + 1.0])
+        values = np.broadcast_to(values, (len(node_y), len(node_x)))
+        ys = np.minimum(ys, node_y[-1])
+        xs = np.minimum(xs, node_x[-1])
+    f = RegularGridInterpolator((node_y, node_x), values, method="linear")
+    return f(np.column_stack([ys.ravel(), xs.ravel()])).reshape(ny, nx)
+
+
+def _supported(u, v, a, src_shape):
+    sny, snx = src_shape
+    return bool(np.isfinite(u) and np.isfinite(v) and a - 1 <= np.floor(u) <= snx - 1 - a
+                and a - 1 <= np.floor(v) <= sny - 1 - a)
+
+
+def warp_support_counts(sx, sy, a, src_shape):
+    """Per row, destination pixels whose 2a × 2a Lanczos window is inside the source."""
+    return np.array([sum(_supported(u, v, a, src_shape) for u, v in zip(rx, ry))
+                     for rx, ry in zip(sx, sy)])
+
+
+def lanczos_warp(src_img, src_var, src_mask, sx, sy, jac, a, mask_order, grow_bits,
+                 nodata_bits):
+    """Pixel-by-pixel Lanczos warp at the given per-pixel source positions and Jacobians.
+
+    The 2-D weight array is the outer product of the 1-D Lanczos weights (np.sinc); the
+    mask is the OR over the pixels where the 2-D mask-kernel weight (nearest, bilinear
+    (1 − t, t) or Lanczos) is non-zero, plus ``grow_bits`` over the whole 2a × 2a window.
+    """
+    ny, nx = sx.shape
+    sny, snx = src_img.shape
+    img = np.full((ny, nx), np.nan)
+    var = np.full((ny, nx), np.inf)
+    mask = np.full((ny, nx), nodata_bits, dtype=np.int32)
+    for j in range(ny):
+        for i in range(nx):
+            u, v = sx[j, i], sy[j, i]
+            if not _supported(u, v, a, src_shape=(sny, snx)):
+                continue
+            iu, iv = int(np.floor(u)), int(np.floor(v))
+            wx, _ = lanczos_weights(u - iu, a)
+            wy, _ = lanczos_weights(v - iv, a)
+            w = np.outer(wy, wx)
+            ys = slice(iv - a + 1, iv + a + 1)
+            xs = slice(iu - a + 1, iu + a + 1)
+            nz = w != 0
+            num = np.sum(w[nz] * src_img[ys, xs][nz])
+            numv = np.sum(w[nz] ** 2 * src_var[ys, xs][nz])
+            val = num / w.sum() * jac[j, i]
+            vv = numv / w.sum() ** 2 * jac[j, i] ** 2
+            if mask_order == 0:
+                m = int(src_mask[int(np.floor(v + 0.5)), int(np.floor(u + 0.5))])
+            else:
+                m = 0
+                ry = np.arange(iv - mask_order + 1, iv + mask_order + 1)
+                rx = np.arange(iu - mask_order + 1, iu + mask_order + 1)
+                if mask_order == 1:
+                    ky = np.array([1 - (v - iv), v - iv])
+                    kx = np.array([1 - (u - iu), u - iu])
+                else:
+                    ky, _ = lanczos_weights(v - iv, mask_order)
+                    kx, _ = lanczos_weights(u - iu, mask_order)
+                for yy, wyy in zip(ry, ky):
+                    for xx, wxx in zip(rx, kx):
+                        if wyy * wxx != 0 and 0 <= yy < sny and 0 <= xx < snx:
+                            m |= int(src_mask[yy, xx])
+            m |= int(np.bitwise_or.reduce(src_mask[ys, xs].ravel())) & grow_bits
+            if np.isfinite(val) and np.isfinite(vv):
+                img[j, i], var[j, i], mask[j, i] = val, vv, m
+            else:
+                mask[j, i] = m | nodata_bits
+    return img, var, mask

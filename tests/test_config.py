@@ -15,6 +15,7 @@ from diffim.config import (
     PsfMatchConfig,
     PsfMatchConfigAL,
     PsfMatchConfigDF,
+    RegistrationConfig,
     SourceSelectionConfig,
     WarpingConfig,
     camel_to_snake,
@@ -291,7 +292,9 @@ def test_yaml_round_trip_is_exact(name):
 
 def test_to_dict_layout_is_plain_builtins():
     d = ImagePsfMatchConfig().to_dict()
-    assert list(d) == ["kernel", "select", "auto_reduce_spatial_order", "mode"]
+    # other sections may follow; these keep their relative order
+    core = ["kernel", "select", "registration", "auto_reduce_spatial_order", "mode"]
+    assert [k for k in d if k in core] == core
     assert list(d["kernel"]) == ["name", "AL", "DF"]
     assert d["kernel"]["AL"]["alard_deg_gauss"] == [4, 2, 2]
     assert d["kernel"]["DF"]["max_condition_number"] == 5e6
@@ -539,3 +542,120 @@ def test_bad_kernel_name_in_active():
 def test_dumped_yaml_is_safe_yaml():
     data = yaml.safe_load(ImagePsfMatchConfig().to_yaml())
     assert data["kernel"]["AL"]["max_condition_number"] == 5e7
+
+
+# ---------------------------------------------------------------------------------------------
+# registration section
+# ---------------------------------------------------------------------------------------------
+
+def test_registration_defaults():
+    reg = ImagePsfMatchConfig().registration
+    assert isinstance(reg, RegistrationConfig)
+    _assert_defaults(reg, {"method": "auto", "transform": "affine", "min_overlap_fraction": 0.1,
+                           "detection_threshold": 10.0})
+    assert reg.max_shift is None
+    docs = ImagePsfMatchConfig.field_docs()
+    for name in ("method", "transform", "min_overlap_fraction", "detection_threshold",
+                 "max_shift"):
+        assert f"registration.{name}" in docs
+
+
+def test_registration_loads_from_yaml_and_round_trips():
+    cfg = ImagePsfMatchConfig.from_yaml(
+        "registration: {method: catalog, transform: shift, minOverlapFraction: 1, "
+        "max_shift: 25, detection_threshold: 7}")
+    reg = cfg.registration
+    assert (reg.method, reg.transform) == ("catalog", "shift")
+    assert reg.min_overlap_fraction == 1.0 and type(reg.min_overlap_fraction) is float
+    assert reg.max_shift == 25.0 and type(reg.max_shift) is float
+    assert reg.detection_threshold == 7.0
+    again = ImagePsfMatchConfig.from_yaml(cfg.to_yaml())
+    assert again.registration == reg
+    assert ImagePsfMatchConfig.from_dict({"registration.method": "wcs"}).registration.method \
+        == "wcs"
+    assert ImagePsfMatchConfig.from_yaml("registration:").registration == RegistrationConfig()
+
+
+@pytest.mark.parametrize("text,needles", [
+    ("registration: {method: sky}", ["registration.method", "'auto'", "'catalog'"]),
+    ("registration: {transform: rigid}", ["registration.transform", "'shift'", "'affine'"]),
+    ("registration: {min_overlap_fraction: 0}", ["registration.min_overlap_fraction", "> 0"]),
+    ("registration: {min_overlap_fraction: 1.2}", ["min_overlap_fraction", "<= 1"]),
+    ("registration: {detection_threshold: -1}", ["registration.detection_threshold", "> 0"]),
+    ("registration: {max_shift: 0}", ["registration.max_shift", "> 0"]),
+    ("registration: {max_shift: far}", ["registration.max_shift", "number"]),
+    ("registration: {maxShfit: 3}", ["registration.maxShfit", "max_shift"]),
+    ("registration: 3", ["registration", "section"]),
+])
+def test_bad_registration_config(text, needles):
+    with pytest.raises(ConfigError) as info:
+        ImagePsfMatchConfig.from_yaml(text)
+    for needle in needles:
+        assert needle in str(info.value), f"{needle!r} not in {info.value}"
+
+
+def test_registration_validate_after_assignment():
+    cfg = ImagePsfMatchConfig()
+    cfg.registration.max_shift = 10  # an int is a number
+    cfg.validate()
+    cfg.registration.max_shift = float("nan")
+    with pytest.raises(ConfigError, match=r"^registration\.max_shift = nan"):
+        cfg.validate()
+
+
+# ---------------------------------------------------------------------------------------------
+# qa section
+# ---------------------------------------------------------------------------------------------
+
+QA_SWITCHES = ("display_candidates", "display_kernel_basis", "display_kernel_mosaic",
+               "plot_kernel_spatial_model", "display_spatial_cells", "display_diff_im",
+               "show_bad_candidates")
+
+
+def test_qa_defaults():
+    from diffim.config import QAConfig
+
+    qa = ImagePsfMatchConfig().qa
+    assert isinstance(qa, QAConfig)
+    _assert_defaults(qa, {name: True for name in QA_SWITCHES})
+    assert (qa.max_candidates, qa.kernel_mosaic_grid) == (30, 7)
+    docs = ImagePsfMatchConfig.field_docs()
+    for name in QA_SWITCHES:
+        assert f"qa.{name}" in docs
+    assert list(ImagePsfMatchConfig().to_dict())[-1] == "qa"
+
+
+def test_qa_loads_ip_diffim_debug_names_and_round_trips():
+    cfg = ImagePsfMatchConfig.from_yaml(
+        "qa: {displayCandidates: false, displayKernelBasis: false, displayKernelMosaic: false,\n"
+        "     plotKernelSpatialModel: false, displaySpatialCells: false, displayDiffIm: false,\n"
+        "     showBadCandidates: false, maxCandidates: 12}")
+    for name in QA_SWITCHES:
+        assert getattr(cfg.qa, name) is False, name
+    assert cfg.qa.max_candidates == 12
+    assert ImagePsfMatchConfig.from_yaml(cfg.to_yaml()).qa == cfg.qa
+    assert ImagePsfMatchConfig.from_dict({"qa.display_diff_im": False}).qa.display_diff_im \
+        is False
+    assert ImagePsfMatchConfig.from_yaml("qa:").qa == ImagePsfMatchConfig().qa
+
+
+@pytest.mark.parametrize("text,needles", [
+    ("qa: {display_diff_im: 1}", ["qa.display_diff_im", "boolean"]),
+    ("qa: {displayCandidates: 'no'}", ["qa.display_candidates", "boolean"]),
+    ("qa: {max_candidates: 0}", ["qa.max_candidates", ">= 1"]),
+    ("qa: {kernel_mosaic_grid: 1}", ["qa.kernel_mosaic_grid", ">= 2"]),
+    ("qa: {displayDifIm: true}", ["qa.displayDifIm", "display_diff_im"]),
+    ("qa: true", ["qa", "section"]),
+])
+def test_bad_qa_config(text, needles):
+    with pytest.raises(ConfigError) as info:
+        ImagePsfMatchConfig.from_yaml(text)
+    for needle in needles:
+        assert needle in str(info.value), f"{needle!r} not in {info.value}"
+
+
+def test_qa_validate_after_assignment():
+    cfg = ImagePsfMatchConfig()
+    cfg.qa.display_candidates = "yes"
+    with pytest.raises(ConfigError, match=r"^qa\.display_candidates = 'yes'"):
+        cfg.validate()

@@ -87,8 +87,9 @@ def test_or_filter_box(rng, shape, hx, hy):
     mask = np.zeros(shape, np.int32)
     idx = rng.integers(0, mask.size, size=12)
     mask.flat[idx] = 1 << rng.integers(0, 8, size=12)
-    np.testing.assert_array_equal(_kernels.or_filter_box(mask, hx, hy),
-                                  ref.or_filter_box(mask, hx, hy))
+    expected = ref.or_filter_box(mask, hx, hy)
+    np.testing.assert_array_equal(_kernels.or_filter_box(mask, hx, hy), expected)
+    np.testing.assert_array_equal(_kernels.or_filter_box_serial(mask, hx, hy), expected)
 
 
 def _sources(rng, shape, n):
@@ -138,3 +139,102 @@ def test_add_moffat_sources(rng, beta, ss_core):
     np.testing.assert_allclose(img - img0, img_ref - img0, rtol=1e-10)
     np.testing.assert_allclose(sums, sums_ref, rtol=1e-10)
     assert sums[-2] == 0.0 and sums[-1] == 0.0  # stamps entirely off the image
+
+
+# ---------------------------------------------------------------------------
+# template warping
+# ---------------------------------------------------------------------------
+
+def _trig_tables(a):
+    m = np.arange(-a, a + 1)
+    return np.sin(np.pi * m / a), np.cos(np.pi * m / a)
+
+
+@pytest.mark.parametrize("a", [2, 3, 4, 5])
+@pytest.mark.parametrize("f", [0.0, 1e-12, 0.25, 0.5, 0.731, 1 - 1e-12])
+def test_lanczos_weights(a, f):
+    w = np.empty(2 * a)
+    total = _kernels.lanczos_weights(f, a, *_trig_tables(a), w)
+    w_ref, total_ref = ref.lanczos_weights(f, a)
+    np.testing.assert_allclose(w, w_ref, rtol=1e-12, atol=1e-12)
+    assert total == pytest.approx(total_ref, rel=1e-12)
+
+
+@pytest.mark.parametrize("ny,nx,step", [(23, 31, 10), (7, 40, 3), (1, 9, 4), (12, 1, 5)])
+def test_interpolate_nodes(rng, ny, nx, step):
+    node_y = np.unique(np.r_[np.arange(0, ny, step), ny - 1]).astype(float)
+    node_x = np.unique(np.r_[np.arange(0, nx, step), nx - 1]).astype(float)
+    values = rng.normal(size=(node_y.size, node_x.size))
+    np.testing.assert_allclose(_kernels.interpolate_nodes(node_x, node_y, values, ny, nx),
+                               ref.interpolate_nodes(node_x, node_y, values, ny, nx),
+                               rtol=1e-12, atol=1e-12)
+
+
+def _warp_case(rng, a, shape=(26, 29), src_shape=(30, 34)):
+    """Nodes of a rotated, scaled, shifted mapping that runs partly off the source."""
+    ny, nx = shape
+    node_y = np.unique(np.r_[np.arange(0, ny, 5), ny - 1]).astype(float)
+    node_x = np.unique(np.r_[np.arange(0, nx, 5), nx - 1]).astype(float)
+    yy, xx = np.meshgrid(node_y, node_x, indexing="ij")
+    th = np.deg2rad(7.0)
+    map_x = 1.03 * (np.cos(th) * xx - np.sin(th) * yy) + 4.3 + 0.002 * xx * yy
+    map_y = 1.03 * (np.sin(th) * xx + np.cos(th) * yy) - 1.7
+    map_x[0, 0] = np.nan  # an unmappable node
+    jac = 1.03**2 + 0.01 * rng.normal(size=map_x.shape)
+    return node_x, node_y, map_x, map_y, jac
+
+
+@pytest.mark.parametrize("a", [2, 3, 5])
+def test_warp_support_counts(rng, a):
+    ny, nx = 26, 29
+    node_x, node_y, map_x, map_y, _ = _warp_case(rng, a)
+    sx = ref.interpolate_nodes(node_x, node_y, map_x, ny, nx)
+    sy = ref.interpolate_nodes(node_x, node_y, map_y, ny, nx)
+    counts = _kernels.warp_support_counts(node_x, node_y, map_x, map_y, ny, nx, 30, 34, a)
+    np.testing.assert_array_equal(counts, ref.warp_support_counts(sx, sy, a, (30, 34)))
+    assert 0 < counts.sum() < ny * nx
+
+
+@pytest.mark.parametrize("a,mask_order", [(3, 1), (3, 0), (2, 3), (5, 1), (4, 2)])
+def test_lanczos_warp(rng, a, mask_order):
+    ny, nx = 26, 29
+    src_shape = (30, 34)
+    node_x, node_y, map_x, map_y, jac = _warp_case(rng, a)
+    img = rng.normal(10.0, 3.0, size=src_shape)
+    var = rng.uniform(0.5, 2.0, size=src_shape)
+    mask = np.zeros(src_shape, np.int32)
+    idx = rng.integers(0, mask.size, size=15)
+    mask.flat[idx] = 1 << rng.integers(0, 6, size=15)
+    img[5, 20] = np.nan  # a non-finite source pixel spoils its footprint
+    grow = np.int32(1 << 4)
+    nodata = np.int32(1 << 7)
+    out = _kernels.lanczos_warp(img, var, mask, node_x, node_y, map_x, map_y, jac, ny, nx,
+                                a, mask_order, grow, nodata)
+    sx = ref.interpolate_nodes(node_x, node_y, map_x, ny, nx)
+    sy = ref.interpolate_nodes(node_x, node_y, map_y, ny, nx)
+    sj = ref.interpolate_nodes(node_x, node_y, jac, ny, nx)
+    expect = ref.lanczos_warp(img, var, mask, sx, sy, sj, a, mask_order, int(grow), int(nodata))
+    np.testing.assert_allclose(out[0], expect[0], rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(out[1], expect[1], rtol=1e-10, atol=1e-10)
+    np.testing.assert_array_equal(out[2], expect[2])
+    np.testing.assert_array_equal(out[3], ref.warp_support_counts(sx, sy, a, src_shape))
+    assert np.isnan(out[0]).sum() > np.isnan(expect[0][~np.isfinite(sx)]).sum()
+
+
+def test_lanczos_warp_integer_shift_is_exact(rng):
+    """At integer source positions every weight but one is exactly zero: a pure copy."""
+    src = rng.normal(size=(20, 22))
+    var = rng.uniform(1.0, 2.0, size=src.shape)
+    var[0, :] = np.inf  # outside every footprint's non-zero weights
+    mask = rng.integers(0, 4, size=src.shape).astype(np.int32)
+    ny, nx = 10, 12
+    node_x = np.arange(nx, dtype=float)  # a node at every pixel: positions are integers
+    node_y = np.arange(ny, dtype=float)
+    map_x = node_x[None, :] + 5.0 + np.zeros((ny, 1))
+    map_y = node_y[:, None] + 4.0 + np.zeros((1, nx))
+    img, v, m, counts = _kernels.lanczos_warp(src, var, mask, node_x, node_y, map_x, map_y,
+                                              np.ones((ny, nx)), ny, nx, 3, 1, 0, 1 << 7)
+    np.testing.assert_array_equal(img, src[4:14, 5:17])
+    np.testing.assert_array_equal(v, var[4:14, 5:17])
+    np.testing.assert_array_equal(m, mask[4:14, 5:17])
+    assert counts.sum() == ny * nx

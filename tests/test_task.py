@@ -90,14 +90,25 @@ def test_shape_mismatch(pair):
         ImagePsfMatchTask().subtract_masked_images(t, pair.science.masked_image)
 
 
-def test_wcs_mismatch_not_registered(pair):
+def test_wcs_mismatch_not_registered(pair, config):
     wcs = pair.template.wcs.deepcopy()
     wcs.wcs.crpix = wcs.wcs.crpix + 1.0
     moved = Exposure(pair.template.masked_image, wcs=wcs, psf_fwhm=pair.template.psf_fwhm)
     with pytest.raises(ImagesNotRegisteredError):
         ImagePsfMatchTask().subtract_exposures(moved, pair.science, do_warping=False)
-    with pytest.raises(ImagesNotRegisteredError):
-        ImagePsfMatchTask().subtract_exposures(moved, pair.science)
+    # with warping (the default) the template is resampled by one pixel and subtracts fine
+    res = ImagePsfMatchTask(config).subtract_exposures(moved, pair.science)
+    assert res.metadata["registrationMethod"] == "wcs"
+    warped = res.warped_exposure
+    assert warped is not moved and warped.bbox == pair.science.bbox
+    # CRPIX + 1 means template pixel x + 1 sees what science pixel x sees: an integer shift
+    np.testing.assert_allclose(warped.image[20:-20, 20:-20],
+                               moved.image[21:-19, 21:-19], rtol=1e-5, atol=1e-2)
+    d = res.subtracted_exposure
+    z = d.image / np.sqrt(d.variance)
+    inner = z[30:-30, 30:-30]
+    assert np.isfinite(inner).all()
+    assert np.median(np.abs(inner)) == pytest.approx(0.6745, abs=0.1)
 
 
 def test_empty_candidate_list(pair):
