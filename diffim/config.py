@@ -45,7 +45,6 @@ import difflib
 import math
 import os
 import re
-import tempfile
 import types
 import typing
 from collections.abc import Mapping
@@ -54,6 +53,7 @@ from pathlib import Path
 
 import yaml
 
+from ._atomic import atomic_open
 from .exceptions import ConfigError
 
 __all__ = [
@@ -461,21 +461,8 @@ def _looks_like_path(text):
 
 
 def _write_atomic(path, text):
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        # mkstemp creates 0600; a config file should be readable like any other output
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    with atomic_open(path, "w") as fh:
+        fh.write(text)
 
 
 # ---------------------------------------------------------------------------------------------

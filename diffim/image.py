@@ -45,7 +45,6 @@ import math
 import operator
 import os
 import re
-import uuid
 import warnings
 
 import numpy as np
@@ -57,6 +56,7 @@ from astropy.wcs import WCS, FITSFixedWarning, Sip
 from astropy.wcs.utils import proj_plane_pixel_scales
 
 from . import __version__
+from ._atomic import atomic_open
 from .exceptions import ConfigError, ImageReadError, ImageShapeMismatchError
 
 __all__ = [
@@ -636,25 +636,9 @@ def write_fits(obj, path, *, extra_header=None):
         fits.ImageHDU(mi.variance.astype(">f4"), name="VARIANCE"),
     ])
 
-    directory = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
-    try:
-        # O_EXCL: never clobber someone else's file; mode 0o666 lets the umask decide the
-        # final permissions exactly as for an ordinary open().
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        with os.fdopen(fd, "wb") as fh:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", AstropyWarning)
-                hdul.writeto(fh, output_verify="silentfix", checksum=True)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    with atomic_open(path) as fh, warnings.catch_warnings():
+        warnings.simplefilter("ignore", AstropyWarning)
+        hdul.writeto(fh, output_verify="silentfix", checksum=True)
     log.debug("wrote %s (%dx%d, xy0=%s)", path, mi.shape[1], mi.shape[0], mi.xy0)
 
 

@@ -29,13 +29,12 @@ atomically (temporary file, then :func:`os.replace`).
 import json
 import logging
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from scipy import ndimage, signal
 
+from ._atomic import atomic_open
 from .candidates import BAD, GOOD, UNKNOWN
 from .solve import difference_stamp, stamp_good_pixels
 
@@ -127,19 +126,8 @@ def _save(fig, path):
     """Write ``fig`` as PNG to ``path`` atomically; return the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format="png", dpi=_DPI)
-        # mkstemp creates 0600; a plot should be readable like any other output
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    with atomic_open(path) as fh:
+        fig.savefig(fh, format="png", dpi=_DPI)
     log.info("wrote %s", path)
     return path
 
@@ -1161,17 +1149,7 @@ def write_metrics(metrics, path):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(_jsonable(metrics), indent=2, allow_nan=False) + "\n"
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    with atomic_open(path, "w") as fh:
+        fh.write(text)
     log.info("wrote %s", path)
     return path

@@ -14,7 +14,7 @@ import numpy as np
 
 from . import _kernels
 from .basis import KernelBasis, renormalize_kernel_list
-from .candidates import BAD, GOOD, CandidateSolution, ResidualStats
+from .candidates import GOOD, CandidateSolution, ResidualStats
 from .exceptions import KernelSolutionError, NoKernelCandidatesError
 
 __all__ = [

@@ -10,13 +10,12 @@ constant across each stamp.
 """
 
 import logging
-import os
-import tempfile
 
 import numpy as np
 from astropy.io import fits
 
 from . import _kernels
+from ._atomic import atomic_open
 from .candidates import GOOD
 from .exceptions import ConfigError, DiffimError, KernelSolutionError
 from .solve import difference_stats, judge_residuals
@@ -102,20 +101,6 @@ class SpatialFunction:
         return cls(header[f"{prefix}TYPE"], header[f"{prefix}ORD"],
                    (header[f"{prefix}X0"], header[f"{prefix}Y0"], header[f"{prefix}X1"],
                     header[f"{prefix}Y1"]))
-
-
-def _write_atomic(hdul, path):
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".fits", dir=directory)
-    os.close(fd)
-    try:
-        hdul.writeto(tmp, overwrite=True)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 class BackgroundModel:
@@ -248,7 +233,8 @@ class SpatialKernel:
                 fits.ImageHDU(self.coefficients, name="COEFFS")]
         if background is not None:
             hdus.append(background.to_hdu())
-        _write_atomic(fits.HDUList(hdus), path)
+        with atomic_open(path) as fh:
+            fits.HDUList(hdus).writeto(fh)
 
     @classmethod
     def read_fits(cls, path):
