@@ -22,64 +22,28 @@ import argparse
 import datetime
 import json
 import os
-import platform
-import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from _common import SCENE, WARMUP, config, machine_info, peak_rss_mb, residual_sigma
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 
-# The simulated scene (see diffim.simulate.simulate_pair).
-SCENE = dict(psf="moffat", moffat_beta=3.0, template_fwhm=3.5, science_fwhm=4.6,
-             fwhm_gradient=0.2, flux_scale=1.3, n_transients=20)
 STARS_PER_MPIX = 1000  # stars per 1024x1024 pixels
-WARMUP = dict(shape=(256, 256), n_stars=80, seed=123)
-
-
-def _config():
-    """Default configuration plus a fitted differential background.
-
-    The simulated science image has a sky offset and gradient against the template; without
-    a background term the kernel sum would absorb the sky and the benchmark would time a
-    wrong subtraction (ip_diffim's ImageDifferenceTask turned it on for the same reason).
-    """
-    from diffim.config import ImagePsfMatchConfig
-
-    config = ImagePsfMatchConfig()
-    config.kernel.active.fit_for_background = True
-    return config
 
 
 def _n_stars(size):
     return int(STARS_PER_MPIX * (size / 1024) ** 2)
 
 
-def _peak_rss_mb():
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    # Linux reports KiB, macOS bytes.
-    return rss / 1024**2 if sys.platform == "darwin" else rss / 1024
-
-
 def _timed_subtract(task, template, science):
     w0, c0 = time.perf_counter(), time.process_time()
     result = task.subtract_exposures(template, science)
     return result, time.perf_counter() - w0, time.process_time() - c0
-
-
-def _residual_sigma(result):
-    """Robust scatter of difference / sqrt(variance) over valid pixels (≈ 1 for a clean subtraction)."""
-    import numpy as np
-
-    diff = result.subtracted_exposure
-    good = np.isfinite(diff.image) & (diff.variance > 0) & (diff.mask == 0)
-    if not good.any():
-        return float("nan")
-    z = diff.image[good] / np.sqrt(diff.variance[good])
-    return float(1.4826 * np.median(np.abs(z - np.median(z))))
 
 
 def _child(spec):
@@ -93,7 +57,7 @@ def _child(spec):
 
     out = {}
     tiny = simulate_pair(**WARMUP, **{k: v for k, v in SCENE.items() if k != "n_transients"})
-    task = ImagePsfMatchTask(_config())
+    task = ImagePsfMatchTask(config())
     _, out["warm1_wall"], _ = _timed_subtract(task, tiny.template, tiny.science)
     if spec["kind"] == "warmup":
         _, out["warm2_wall"], _ = _timed_subtract(task, tiny.template, tiny.science)
@@ -103,13 +67,13 @@ def _child(spec):
         t0 = time.perf_counter()
         template, science = read_fits(spec["template"]), read_fits(spec["science"])
         out["read_wall"] = time.perf_counter() - t0
-        result, out["wall"], out["cpu"] = _timed_subtract(ImagePsfMatchTask(_config()),
+        result, out["wall"], out["cpu"] = _timed_subtract(ImagePsfMatchTask(config()),
                                                           template, science)
         ny, nx = science.shape
         out["kernel_sum"] = result.psf_matching_kernel.kernel_sum(nx / 2, ny / 2)
         out["mode"] = str(result.metadata.get("mode", ""))
-        out["residual_sigma"] = _residual_sigma(result)
-    out["peak_rss_mb"] = _peak_rss_mb()
+        out["residual_sigma"] = residual_sigma(result.subtracted_masked_image)
+    out["peak_rss_mb"] = peak_rss_mb()
     print(json.dumps(out))
 
 
@@ -120,28 +84,6 @@ def _run_child(spec, env):
         sys.stderr.write(proc.stderr)
         raise SystemExit(f"benchmark child failed ({spec['kind']} {spec.get('size', '')})")
     return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def machine_info():
-    import astropy
-    import numba
-    import numpy
-    import scipy
-
-    import diffim
-
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "numba_threads": numba.config.NUMBA_NUM_THREADS,
-        "python": platform.python_version(),
-        "numpy": numpy.__version__,
-        "scipy": scipy.__version__,
-        "numba": numba.__version__,
-        "astropy": astropy.__version__,
-        "diffim": diffim.__version__,
-    }
 
 
 def render(info, compile_s, rows, threads):

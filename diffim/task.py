@@ -6,7 +6,9 @@ science image is convolved) and S the other one.  See :mod:`diffim.basis`,
 ``docs/CONTRACT.md`` for the data model.
 """
 
+import contextlib
 import logging
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -48,7 +50,9 @@ class PsfMatchResult:
     matched_exposure, subtracted_masked_image, subtracted_exposure, warped_exposure
         Filled by the entry points that make them.
     metadata : dict
-        Basis, counts, condition numbers, FWHMs and mode used.
+        Basis, counts, condition numbers, FWHMs and mode used, and ``timings``: wall
+        time, CPU time and peak RSS of each stage (register/warp, fwhm, select, stamps,
+        solve, convolve, subtract).
     """
 
     matched_image: MaskedImage
@@ -60,6 +64,25 @@ class PsfMatchResult:
     subtracted_exposure: Exposure | None = None
     warped_exposure: Exposure | None = None
     metadata: dict = field(default_factory=dict)
+
+
+def _peak_rss_mb():
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+
+
+@contextlib.contextmanager
+def _stage(metadata, name):
+    """Record wall time, CPU time and peak RSS of a stage in ``metadata["timings"]``."""
+    w0, c0 = time.perf_counter(), time.process_time()
+    yield
+    entry = {"wall": time.perf_counter() - w0, "cpu": time.process_time() - c0,
+             "peak_rss_mb": _peak_rss_mb()}
+    metadata.setdefault("timings", {})[name] = entry
+    log.info("%s: %.2f s", name, entry["wall"])
 
 
 def _n_terms(order):
@@ -346,14 +369,17 @@ class ImagePsfMatchTask:
         cfg = self.kconfig
         if basis is None:
             basis = self.make_kernel_basis(fwhm_conv, fwhm_ref)
-        candidates = make_candidates(to_convolve, reference, positions, cfg, basis.size)
-        cell_set = SpatialCellSet(to_convolve.bbox, cfg.size_cell_x, cfg.size_cell_y)
-        for cand in candidates:
-            cell_set.insert(cand)
+        with _stage(self.metadata, "stamps"):
+            candidates = make_candidates(to_convolve, reference, positions, cfg, basis.size)
+            cell_set = SpatialCellSet(to_convolve.bbox, cfg.size_cell_x, cfg.size_cell_y)
+            for cand in candidates:
+                cell_set.insert(cand)
         bad_bits = (reference.get_plane_bitmask(*cfg.bad_mask_planes)
                     | to_convolve.get_plane_bitmask(*cfg.bad_mask_planes))
-        kernel, bg, _ = self._solve(cell_set, basis, cfg.fit_for_background, bad_bits)
-        matched = convolve_masked_image(to_convolve, kernel)
+        with _stage(self.metadata, "solve"):
+            kernel, bg, _ = self._solve(cell_set, basis, cfg.fit_for_background, bad_bits)
+        with _stage(self.metadata, "convolve"):
+            matched = convolve_masked_image(to_convolve, kernel)
         return PsfMatchResult(matched_image=matched, psf_matching_kernel=kernel,
                               background_model=bg, kernel_cell_set=cell_set,
                               metadata=dict(self.metadata))
@@ -386,7 +412,8 @@ class ImagePsfMatchTask:
         self.metadata = {}
         _check_same_grid(template, science)
         basis = self.make_kernel_basis(template_fwhm_pix, science_fwhm_pix)
-        positions = self.make_candidate_list(template, science, basis.size, candidate_list)
+        with _stage(self.metadata, "select"):
+            positions = self.make_candidate_list(template, science, basis.size, candidate_list)
         return self._match(template, science, positions, template_fwhm_pix, science_fwhm_pix,
                            basis)
 
@@ -403,8 +430,9 @@ class ImagePsfMatchTask:
         """
         result = self.match_masked_images(template, science, candidate_list,
                                           template_fwhm_pix, science_fwhm_pix)
-        result.subtracted_masked_image = self._difference(science, result.matched_image,
-                                                          result.background_model)
+        with _stage(result.metadata, "subtract"):
+            result.subtracted_masked_image = self._difference(science, result.matched_image,
+                                                              result.background_model)
         return result
 
     def _difference(self, science, matched, background, scale=1.0, invert=False):
@@ -479,11 +507,14 @@ class ImagePsfMatchTask:
         """
         self.metadata = {}
         template, science = template_exposure, science_exposure
-        warped, registration = register_and_warp(template, science, self.config, do_warping)
+        with _stage(self.metadata, "register/warp"):
+            warped, registration = register_and_warp(template, science, self.config,
+                                                     do_warping)
         self.metadata.update(registration)
         _check_same_grid(warped.masked_image, science.masked_image)
-        fwhm_t = self._fwhm(warped, template_fwhm_pix, "template")
-        fwhm_s = self._fwhm(science, science_fwhm_pix, "science")
+        with _stage(self.metadata, "fwhm"):
+            fwhm_t = self._fwhm(warped, template_fwhm_pix, "template")
+            fwhm_s = self._fwhm(science, science_fwhm_pix, "science")
         mode = self._resolve_mode(mode, convolve_template, fwhm_t, fwhm_s)
         if mode == "convolveTemplate":
             conv, ref, f_conv, f_ref = warped, science, fwhm_t, fwhm_s
@@ -491,8 +522,9 @@ class ImagePsfMatchTask:
             conv, ref, f_conv, f_ref = science, warped, fwhm_s, fwhm_t
         basis = self.make_kernel_basis(f_conv, f_ref)
         # kernel sources are always found on the science image, whichever is convolved
-        positions = self.make_candidate_list(warped.masked_image, science.masked_image,
-                                             basis.size, candidate_list)
+        with _stage(self.metadata, "select"):
+            positions = self.make_candidate_list(warped.masked_image, science.masked_image,
+                                                 basis.size, candidate_list)
         result = self._match(conv.masked_image, ref.masked_image, positions, f_conv, f_ref,
                              basis)
         result.metadata.update({"mode": mode, "templateFwhmPix": fwhm_t,
@@ -523,18 +555,19 @@ class ImagePsfMatchTask:
                                       convolve_template, mode)
         science = science_exposure.masked_image
         warped = result.warped_exposure
-        if result.metadata["mode"] == "convolveTemplate":
-            diff = self._difference(science, result.matched_image, result.background_model)
-            psf_fwhm = result.metadata["scienceFwhmPix"]
-            phot = science_exposure.phot_scale
-        else:
-            x0, y0, x1, y1 = science.bbox
-            ksum = result.psf_matching_kernel.kernel_sum(0.5 * (x0 + x1 - 1),
-                                                         0.5 * (y0 + y1 - 1))
-            diff = self._difference(warped.masked_image, result.matched_image,
-                                    result.background_model, scale=ksum, invert=True)
-            psf_fwhm = result.metadata["templateFwhmPix"]
-            phot = warped.phot_scale
+        with _stage(result.metadata, "subtract"):
+            if result.metadata["mode"] == "convolveTemplate":
+                diff = self._difference(science, result.matched_image, result.background_model)
+                psf_fwhm = result.metadata["scienceFwhmPix"]
+                phot = science_exposure.phot_scale
+            else:
+                x0, y0, x1, y1 = science.bbox
+                ksum = result.psf_matching_kernel.kernel_sum(0.5 * (x0 + x1 - 1),
+                                                             0.5 * (y0 + y1 - 1))
+                diff = self._difference(warped.masked_image, result.matched_image,
+                                        result.background_model, scale=ksum, invert=True)
+                psf_fwhm = result.metadata["templateFwhmPix"]
+                phot = warped.phot_scale
         result.subtracted_masked_image = diff
         result.subtracted_exposure = Exposure(diff, wcs=science_exposure.wcs, psf_fwhm=psf_fwhm,
                                               phot_scale=phot,

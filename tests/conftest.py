@@ -32,3 +32,24 @@ def shared_data():
         pytest.skip(f"real telescope data not found at {SHARED_DATA} (expected ../shared/data "
                     "next to the repository)")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def fitted():
+    """A simulated template and the kernel fitted to a field whose PSF width changes by 30 %.
+
+    Shared by the convolution tests that compare fast paths with exact per-pixel sums.
+    """
+    from diffim.config import ImagePsfMatchConfig
+    from diffim.simulate import simulate_pair
+    from diffim.task import ImagePsfMatchTask
+
+    pair = simulate_pair(shape=(256, 256), n_stars=200, template_fwhm=2.5, science_fwhm=3.8,
+                         fwhm_gradient=0.3, seed=5)
+    cfg = ImagePsfMatchConfig()
+    cfg.kernel.active.fit_for_background = True
+    cfg.kernel.active.size_cell_x = cfg.kernel.active.size_cell_y = 64
+    res = ImagePsfMatchTask(cfg).subtract_exposures(pair.template, pair.science)
+    kernel = res.psf_matching_kernel
+    assert kernel.function.order == 2 and not kernel.is_spatially_constant
+    return pair.template.masked_image, kernel

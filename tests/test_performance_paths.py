@@ -98,24 +98,6 @@ def test_or_filter_parallel_equals_serial(shape, half_x, half_y, density):
 # float32 vs float64
 # ---------------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def fitted():
-    """A realistic image (256² simulated template, bright stars) and its fitted kernel."""
-    from diffim.config import ImagePsfMatchConfig
-    from diffim.simulate import simulate_pair
-    from diffim.task import ImagePsfMatchTask
-
-    pair = simulate_pair(shape=(256, 256), n_stars=200, template_fwhm=2.5, science_fwhm=3.8,
-                         fwhm_gradient=0.3, seed=5)
-    cfg = ImagePsfMatchConfig()
-    cfg.kernel.active.fit_for_background = True
-    cfg.kernel.active.size_cell_x = cfg.kernel.active.size_cell_y = 64
-    res = ImagePsfMatchTask(cfg).subtract_exposures(pair.template, pair.science)
-    kernel = res.psf_matching_kernel
-    assert not kernel.is_spatially_constant
-    return pair.template.masked_image, kernel
-
-
 def _noise_sigma(mi):
     return float(np.sqrt(np.median(mi.variance)))
 

@@ -45,6 +45,11 @@ def test_subtract_exposures_outputs(pair, config):
     assert res.metadata["mode"] == "convolveTemplate"
     for key in ("spatialConditionNum", "spatialKernelSum", "ALBasisSigGauss", "nGoodCandidates"):
         assert key in res.metadata
+    timings = res.metadata["timings"]
+    assert list(timings) == ["register/warp", "fwhm", "select", "stamps", "solve", "convolve",
+                             "subtract"]
+    assert all(t["wall"] >= 0 and t["cpu"] >= 0 for t in timings.values())
+    assert timings["convolve"]["wall"] > 0
 
 
 def test_kernel_and_background_fits_round_trip(pair, config, tmp_path):
