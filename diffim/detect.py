@@ -686,7 +686,7 @@ def _box_counts(flag_img, ix, iy, g):
     return cum[y_hi, x_hi] - cum[y_lo, x_hi] - cum[y_hi, x_lo] + cum[y_lo, x_lo]
 
 
-def select_kernel_sources(template, science, kernel_size, config=None):
+def select_kernel_sources(template, science, kernel_size, config=None, sources=None):
     """Choose the stars around which kernel-fitting stamps are cut.
 
     Detects on the science image (or the template when ``config.select.detect_on`` is
@@ -724,6 +724,11 @@ def select_kernel_sources(template, science, kernel_size, config=None):
         ``scale_by_fwhm`` is False).
     config : ImagePsfMatchConfig, optional
         Default configuration when None.
+    sources : astropy.table.Table, optional
+        :func:`detect_sources` output for the ``detect_on`` image, made with
+        ``threshold=config.select.detection_threshold`` and
+        ``background_box=config.select.background_box``; detected afresh when None (lets a
+        caller detect once and reuse the catalog, as the workflow's ``detect`` step does).
 
     Returns
     -------
@@ -767,8 +772,10 @@ def select_kernel_sources(template, science, kernel_size, config=None):
         raise ConfigError(f"stamp half-width {g} from kernel_size={kernel_size} and "
                           "detection_config is < 1; raise fp_grow_kernel_scaling or fp_grow_pix")
 
-    src = detect_sources(det_mi, threshold=sel.detection_threshold,
-                         background_box=sel.background_box)
+    if sources is None:
+        sources = detect_sources(det_mi, threshold=sel.detection_threshold,
+                                 background_box=sel.background_box)
+    src = sources
     n_det = len(src)
     thr = float(sel.detection_threshold)
     if n_det == 0:
