@@ -26,6 +26,10 @@ __all__ = [
     "SpatialCellSet",
     "stamp_half_width",
     "make_candidates",
+    "write_candidate_table",
+    "read_candidate_table",
+    "write_solutions",
+    "read_solutions",
 ]
 
 log = logging.getLogger(__name__)
@@ -291,3 +295,193 @@ def make_candidates(template, science, positions, config, kernel_size):
                "relax detection_config.bad_mask_planes")
         raise NoKernelCandidatesError(msg)
     return out
+
+
+# -- intermediate files of the workflow's select, solve and spatial steps ------------------
+
+_SLOTS = ("orig", "pca")
+
+
+def _provenance(header, provenance):
+    from . import __version__
+
+    header["DIFFIMV"] = (__version__, "diffim version")
+    for key, value in (provenance or {}).items():
+        header[key] = value
+
+
+def write_candidate_table(cell_set, path, meta=None):
+    """Write every candidate (position, cell, rating, status, statistics) as ECSV, atomically.
+
+    Parameters
+    ----------
+    cell_set : SpatialCellSet
+    path : str or os.PathLike
+    meta : dict, optional
+        Stored in the table's metadata (with the diffim version).
+    """
+    from . import __version__
+    from ._atomic import atomic_open
+
+    table = cell_set.to_table()
+    table.sort("id")  # id order lets make_selection rebuild the same ids from the positions
+    table.meta.update({"diffim_version": __version__, **(meta or {})})
+    with atomic_open(path, "w") as fh:
+        table.write(fh, format="ascii.ecsv")
+
+
+def read_candidate_table(path):
+    """Read a table written by :func:`write_candidate_table`.
+
+    Raises
+    ------
+    DiffimError
+        If the file is missing, unreadable or lacks the columns ``id, x, y``.
+    """
+    from astropy.table import Table
+
+    from .exceptions import DiffimError
+
+    try:
+        table = Table.read(path, format="ascii.ecsv")
+    except (OSError, ValueError) as exc:
+        msg = f"{path}: cannot read the kernel-candidate table ({exc})"
+        raise DiffimError(msg) from exc
+    missing = {"id", "x", "y"} - set(table.colnames)
+    if missing:
+        msg = f"{path}: kernel-candidate table lacks the column(s) {sorted(missing)}"
+        raise DiffimError(msg)
+    return table
+
+
+def _stack(values, shape):
+    out = np.full((len(values), *shape), np.nan)
+    for i, v in enumerate(values):
+        if v is not None:
+            out[i] = v
+    return out
+
+
+def write_solutions(cell_set, path, provenance=None):
+    """Write every candidate with its status and kernel solutions as FITS, atomically.
+
+    Layout: a CANDIDATES table (id, x, y, cell, rating, status, reason, spatial residual
+    statistics and, per solution slot ORIG and PCA, background, kernel sum, residual
+    statistics, condition number), then per slot the image extensions ``<SLOT>_COEFF``
+    (n, n_basis), ``<SLOT>_KERNEL`` (n, k, k), ``<SLOT>_M`` (n, p, p) and ``<SLOT>_B``
+    (n, p): the coefficients, kernel image and normal equations of each candidate's fit,
+    NaN rows where a candidate has no such solution.  Everything is float64, so
+    :func:`read_solutions` restores the fits exactly.
+
+    Parameters
+    ----------
+    cell_set : SpatialCellSet
+    path : str or os.PathLike
+    provenance : dict, optional
+        Extra primary-header cards (key -> value).
+    """
+    from astropy.io import fits
+    from astropy.table import Table
+
+    from ._atomic import atomic_open
+
+    cands = cell_set.candidates()
+    cols = {
+        "id": [c.id for c in cands], "x": [c.x for c in cands], "y": [c.y for c in cands],
+        "cell_x": [c.cell[0] for c in cands], "cell_y": [c.cell[1] for c in cands],
+        "rating": [c.rating for c in cands], "status": [c.status for c in cands],
+        "reason": [c.reason for c in cands],
+    }
+    for name in ("mean", "std", "npix"):
+        cols[f"spatial_{name}"] = [getattr(c.spatial_stats, name) if c.spatial_stats
+                                   else np.nan for c in cands]
+    hdus = [fits.PrimaryHDU()]
+    _provenance(hdus[0].header, provenance)
+    hdus[0].header["NCAND"] = len(cands)
+    arrays = []
+    for slot in _SLOTS:
+        sols = [getattr(c, slot) for c in cands]
+        cols[f"{slot}_ok"] = [s is not None for s in sols]
+        for name in ("background", "kernel_sum", "condition_number"):
+            cols[f"{slot}_{name}"] = [np.nan if s is None or getattr(s, name) is None
+                                      else float(getattr(s, name)) for s in sols]
+        cols[f"{slot}_pinv"] = [bool(s and s.used_pseudo_inverse) for s in sols]
+        for name in ("mean", "std", "npix"):
+            cols[f"{slot}_resid_{name}"] = [getattr(s.stats, name) if s and s.stats
+                                            else np.nan for s in sols]
+        first = next((s for s in sols if s is not None), None)
+        if first is None:
+            continue
+        for name, attr in (("COEFF", "coefficients"), ("KERNEL", "kernel_image"),
+                           ("M", "m"), ("B", "b")):
+            data = _stack([None if s is None else getattr(s, attr) for s in sols],
+                          np.shape(getattr(first, attr)))
+            arrays.append(fits.ImageHDU(data, name=f"{slot.upper()}_{name}"))
+    table = Table(cols)
+    table["reason"] = table["reason"].astype(str)
+    hdus.append(fits.table_to_hdu(table))
+    hdus[-1].name = "CANDIDATES"
+    with atomic_open(path) as fh:
+        fits.HDUList(hdus + arrays).writeto(fh)
+
+
+def read_solutions(path, cell_set):
+    """Restore statuses and solutions written by :func:`write_solutions` into ``cell_set``.
+
+    ``cell_set`` must hold the same candidates (same ids at the same positions), as
+    :meth:`diffim.task.ImagePsfMatchTask.make_selection` rebuilds them from the images.
+
+    Raises
+    ------
+    DiffimError
+        If the file cannot be read or does not describe these candidates.
+    """
+    from astropy.io import fits
+    from astropy.table import Table
+
+    from .exceptions import DiffimError
+
+    try:
+        with fits.open(path) as hdul:
+            table = Table.read(hdul["CANDIDATES"], mask_invalid=False)
+            arrays = {h.name: np.array(h.data, dtype=np.float64) for h in hdul[2:]}
+    except (OSError, KeyError, ValueError) as exc:
+        msg = f"{path}: not a diffim kernel-solutions file ({exc})"
+        raise DiffimError(msg) from exc
+    by_id = {c.id: c for c in cell_set.candidates()}
+    if len(table) != len(by_id):
+        msg = (f"{path}: holds {len(table)} candidates, the images give {len(by_id)}; "
+               "the solutions belong to other inputs")
+        raise DiffimError(msg)
+    for i, row in enumerate(table):
+        cand = by_id.get(int(row["id"]))
+        if cand is None or cand.x != row["x"] or cand.y != row["y"]:
+            msg = (f"{path}: candidate {int(row['id'])} at ({row['x']}, {row['y']}) is not "
+                   "among the candidates of these images; the solutions belong to other "
+                   "inputs")
+            raise DiffimError(msg)
+        cand.status = str(row["status"])
+        cand.reason = str(row["reason"])
+        if np.isfinite(row["spatial_std"]):
+            cand.spatial_stats = ResidualStats(float(row["spatial_mean"]),
+                                               float(row["spatial_std"]),
+                                               int(row["spatial_npix"]))
+        for slot in _SLOTS:
+            sol = None
+            if row[f"{slot}_ok"]:
+                cond = float(row[f"{slot}_condition_number"])
+                stats = None
+                if np.isfinite(row[f"{slot}_resid_npix"]):
+                    stats = ResidualStats(float(row[f"{slot}_resid_mean"]),
+                                          float(row[f"{slot}_resid_std"]),
+                                          int(row[f"{slot}_resid_npix"]))
+                pre = slot.upper()
+                sol = CandidateSolution(
+                    coefficients=arrays[f"{pre}_COEFF"][i],
+                    background=float(row[f"{slot}_background"]),
+                    kernel_image=arrays[f"{pre}_KERNEL"][i],
+                    kernel_sum=float(row[f"{slot}_kernel_sum"]),
+                    m=arrays[f"{pre}_M"][i], b=arrays[f"{pre}_B"][i], stats=stats,
+                    condition_number=cond if np.isfinite(cond) else None,
+                    used_pseudo_inverse=bool(row[f"{slot}_pinv"]))
+            setattr(cand, slot, sol)

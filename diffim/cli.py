@@ -9,8 +9,27 @@ Subcommands
     ``ImagePsfMatchTask`` example script does.  Without images, a simulated 512x512 pair
     is used.
 ``diffim qa TEMPLATE SCIENCE --out-dir DIR``
-    Subtract as ``diffim subtract`` does and write diagnostic plots and ``metrics.json``
-    (:mod:`diffim.qa`).
+    Subtract as ``diffim subtract`` does (or, with ``--kernel --solutions --candidates
+    --metadata --difference --matched``, read the workflow's products) and write diagnostic
+    plots and ``metrics.json`` (:mod:`diffim.qa`).
+
+The workflow's steps, one subcommand each, every one reading and writing files:
+
+``diffim warp TEMPLATE SCIENCE -o warped.fits``
+    The template resampled onto the science grid.
+``diffim detect IMAGE -o sources.ecsv``
+    sep catalog and PSF FWHM of one image.
+``diffim select WARPED SCIENCE --template-sources --science-sources -o candidates.ecsv``
+    Kernel candidates with their cells, ratings and statuses.
+``diffim solve WARPED SCIENCE --candidates -o solutions.fits``
+    Per-candidate kernel fits after single-kernel and kernel-sum clipping.
+``diffim spatial WARPED SCIENCE --candidates --solutions -o kernel.fits ...``
+    The spatial kernel and background model.
+``diffim subtract WARPED SCIENCE --kernel kernel.fits -o diff.fits``
+    Apply the model: the difference (and ``--matched-out``) image.
+
+Running them in order gives exactly what ``ImagePsfMatchTask.subtract_exposures`` gives
+in one call.  Every output records the diffim version, the step and its options.
 
 Every error diffim knows about (:class:`~diffim.exceptions.DiffimError`, ``OSError``)
 ends the program with one line ``diffim: error: <message>`` on stderr and exit code 1;
@@ -164,6 +183,12 @@ def build_parser():
                    help="science PSF FWHM in pixels (default: header or measured)")
     p.add_argument("--kernel-out", type=Path, metavar="K.fits",
                    help="also write the spatially varying matching kernel to this FITS file")
+    p.add_argument("--kernel", type=Path, metavar="K.fits",
+                   help="apply this kernel model ('diffim spatial' or --kernel-out output) "
+                        "instead of fitting one; TEMPLATE must be on the science grid "
+                        "('diffim warp' output).  The workflow's subtract step")
+    p.add_argument("--matched-out", type=Path, metavar="M.fits",
+                   help="also write the PSF-matched image (IMAGE, MASK, VARIANCE)")
     p.add_argument("--threads", type=_positive_int, metavar="N",
                    help="number of threads for numba (and BLAS/OpenMP); default: all cores")
     p.set_defaults(func=_cmd_subtract, _parser=p)
@@ -195,7 +220,134 @@ def build_parser():
                    help="science PSF FWHM in pixels (default: header or measured)")
     p.add_argument("--threads", type=_positive_int, metavar="N",
                    help="number of threads for numba (and BLAS/OpenMP); default: all cores")
+    p.add_argument("--metrics-out", type=Path, metavar="JSON",
+                   help="where to write the metrics (default: DIR/metrics.json)")
+    products = p.add_argument_group(
+        "workflow products", "give all of these to plot the products of the workflow's steps "
+        "instead of subtracting again (TEMPLATE is then the warped template)")
+    products.add_argument("--kernel", type=Path, metavar="FITS", help="'diffim spatial' model")
+    products.add_argument("--solutions", type=Path, metavar="FITS",
+                          help="'diffim spatial' --solutions-out")
+    products.add_argument("--candidates", type=Path, metavar="ECSV",
+                          help="'diffim select' output")
+    products.add_argument("--metadata", type=Path, metavar="JSON",
+                          help="'diffim spatial' --metadata-out")
+    products.add_argument("--difference", type=Path, metavar="FITS",
+                          help="'diffim subtract' output")
+    products.add_argument("--matched", type=Path, metavar="FITS",
+                          help="'diffim subtract' --matched-out")
     p.set_defaults(func=_cmd_qa, _parser=p)
+
+    # -- the workflow's steps ---------------------------------------------------------------
+    def step_parser(name, help_text, description, images=2):
+        q = sub.add_parser(name, parents=[common], help=help_text, description=description)
+        if images == 2:
+            q.add_argument("template", metavar="TEMPLATE",
+                           help="template FITS image (on the science grid after 'warp')")
+            q.add_argument("science", metavar="SCIENCE", help="science FITS image")
+        q.add_argument("-o", "--output", required=True, type=Path, metavar="OUT",
+                       help="output file")
+        q.add_argument("--config", type=Path, metavar="YAML",
+                       help="ImagePsfMatchConfig YAML file (default: the ip_diffim example "
+                            "settings, as for 'diffim subtract')")
+        q.add_argument("--threads", type=_positive_int, metavar="N",
+                       help="number of threads for numba (and BLAS/OpenMP); default: all cores")
+        return q
+
+    p = step_parser(
+        "warp", "resample the template onto the science image's pixel grid",
+        "Step 1 of the workflow.  Register TEMPLATE to SCIENCE (by their WCSs, or by matching "
+        "star catalogs when either lacks one) and resample it with a Lanczos kernel onto the "
+        "science grid; write the warped template (IMAGE, MASK, VARIANCE) with the "
+        "registration recorded in its header.  A template already on the science grid is "
+        "copied unchanged.")
+    p.add_argument("--no-warping", action="store_true",
+                   help="do not resample: fail with ImagesNotRegisteredError if the grids differ")
+    p.set_defaults(func=_cmd_warp, _parser=p)
+
+    p = step_parser(
+        "detect", "detect sources with sep and measure the PSF FWHM",
+        "Step 2.  Detect sources on IMAGE (sep; threshold and background mesh from the "
+        "config's select section) and measure its PSF FWHM from isolated stars; write the "
+        "catalog as ECSV with the FWHM in its metadata ('fwhm').", images=0)
+    p.add_argument("image", metavar="IMAGE", help="FITS image (the science image or the "
+                                                 "warped template)")
+    p.add_argument("--which", choices=("science", "template"), default="science",
+                   help="which image this is (for the logs and the catalog metadata)")
+    p.add_argument("--fwhm", type=_positive_float, metavar="PIX",
+                   help="known PSF FWHM in pixels (default: header or measured)")
+    p.set_defaults(func=_cmd_detect, _parser=p)
+
+    p = step_parser(
+        "select", "choose kernel candidates and file them in spatial cells",
+        "Step 3.  Decide which image is convolved, choose the kernel sources (cuts of "
+        "select_kernel_sources on the detect_on catalog, or a given catalog), cut and vet "
+        "their stamps and write the candidates (id, x, y, cell, rating, status) as ECSV.")
+    p.add_argument("--template-sources", type=Path, required=True, metavar="ECSV",
+                   help="'diffim detect' catalog of the warped template")
+    p.add_argument("--science-sources", type=Path, required=True, metavar="ECSV",
+                   help="'diffim detect' catalog of the science image")
+    p.add_argument("--convolve", choices=tuple(CONVOLVE_MODES),
+                   help="image to convolve: template, science or auto; default: the config's "
+                        "mode")
+    p.add_argument("--candidate-list", type=Path, metavar="TABLE",
+                   help="ECSV or FITS table with x, y columns (parent pixels) to use instead "
+                        "of the detections")
+    p.set_defaults(func=_cmd_select, _parser=p)
+
+    p = step_parser(
+        "solve", "fit a kernel to each candidate and clip outliers",
+        "Step 4.  Fit the kernel basis to the best candidates of every cell, reject bad fits "
+        "and kernel-sum outliers (promoting the next candidate of the cell), and write every "
+        "candidate's status and solution (coefficients, kernel, normal equations, residual "
+        "statistics) as FITS.")
+    p.add_argument("--candidates", type=Path, required=True, metavar="ECSV",
+                   help="'diffim select' output")
+    p.set_defaults(func=_cmd_solve, _parser=p)
+
+    p = step_parser(
+        "spatial", "fit the spatially varying kernel and background",
+        "Step 5.  Fit the spatial kernel and background models to the candidate solutions, "
+        "with the ip_diffim rejection iterations; write the model (basis images, spatial "
+        "coefficients, background; reusable with 'diffim subtract --kernel'), the final "
+        "candidate solutions and the run's metadata (JSON).")
+    p.add_argument("--candidates", type=Path, required=True, metavar="ECSV",
+                   help="'diffim select' output")
+    p.add_argument("--solutions", type=Path, required=True, metavar="FITS",
+                   help="'diffim solve' output")
+    p.add_argument("--solutions-out", type=Path, required=True, metavar="FITS",
+                   help="final candidate statuses and solutions")
+    p.add_argument("--metadata-out", type=Path, required=True, metavar="JSON",
+                   help="the run's metadata (basis, counts, condition number, orders used)")
+    p.set_defaults(func=_cmd_spatial, _parser=p)
+
+    p = sub.add_parser(
+        "lightcurve", parents=[common],
+        help="forced PSF photometry of one object through a series of differences",
+        description="Measure the PSF flux at one position on every difference image "
+                    "('diffim subtract' outputs of pairs that share one template) and write "
+                    "the light curve (time, x, y, flux, flux_err, snr, flags) as ECSV, and "
+                    "optionally a plot.  Fluxes are divided by the matching kernel's sum at "
+                    "the position in convolveTemplate mode, which puts every epoch on the "
+                    "template's photometric scale.")
+    p.add_argument("--differences", nargs="+", type=Path, required=True, metavar="FITS",
+                   help="difference images, one per epoch")
+    p.add_argument("--warped", nargs="+", type=Path, required=True, metavar="FITS",
+                   help="the 'diffim warp' output of each epoch (registration record)")
+    p.add_argument("--kernels", nargs="+", type=Path, required=True, metavar="FITS",
+                   help="the 'diffim spatial' kernel of each epoch")
+    p.add_argument("--times", nargs="+", type=float, required=True, metavar="MJD",
+                   help="time of each epoch")
+    p.add_argument("--position", nargs=2, type=float, required=True, metavar=("X", "Y"),
+                   help="position of the object in parent pixels of the template (or, with "
+                        "--frame science, of every science image)")
+    p.add_argument("--frame", choices=("template", "science"), default="template",
+                   help="pixel frame of --position (default: template)")
+    p.add_argument("-o", "--output", required=True, type=Path, metavar="ECSV",
+                   help="light-curve table")
+    p.add_argument("--plot", type=Path, metavar="PNG", help="also plot the light curve")
+    p.add_argument("--title", default=None, help="plot title")
+    p.set_defaults(func=_cmd_lightcurve, _parser=p)
     return parser
 
 
@@ -240,9 +392,6 @@ def _check_inputs(args):
             raise ImageReadError(f"{name} image {path!r} does not exist or is not a file")
     if args.config is not None and not args.config.is_file():
         raise ConfigError(f"config file '{args.config}' does not exist or is not a file")
-    for path in (args.output, args.kernel_out):
-        if path is not None and path.is_dir():
-            raise ImageReadError(f"output path '{path}' is a directory; give a file name")
 
 
 def _load_config(path, demo):
@@ -290,13 +439,17 @@ def _cmd_simulate(args):
 def _cmd_subtract(args):
     if len(args.images) not in (0, 2):
         args._parser.error("give both TEMPLATE and SCIENCE, or neither (built-in demo)")
+    if args.kernel is not None and not args.images:
+        args._parser.error("--kernel needs TEMPLATE and SCIENCE")
+    if args.kernel is not None and args.kernel_out is not None:
+        args._parser.error("--kernel applies a saved kernel; --kernel-out cannot be given too")
     _check_inputs(args)
+    _require_files(kernel=args.kernel)
+    _prepare_outputs(args.output, args.kernel_out, args.matched_out)
     _set_threads(args.threads)
 
     demo = not args.images
     config = _load_config(args.config, demo)
-
-    from astropy.io import fits
 
     from .image import read_fits, write_fits
     from .task import ImagePsfMatchTask
@@ -318,38 +471,96 @@ def _cmd_subtract(args):
         science = read_fits(science_path)
         names = (os.path.basename(template_path), os.path.basename(science_path))
 
-    mode = CONVOLVE_MODES[args.convolve] if args.convolve else None
     task = ImagePsfMatchTask(config)
-    kwargs = dict(template_fwhm_pix=args.template_fwhm, science_fwhm_pix=args.science_fwhm,
-                  mode=mode)
     t0 = time.perf_counter()
-    if args.mode == "match":
-        result = task.match_exposures(template, science, **kwargs)
-        product = result.matched_exposure
+    if args.kernel is not None:
+        result = _apply_saved_kernel(task, template, science, args)
     else:
-        result = task.subtract_exposures(template, science, **kwargs)
-        product = result.subtracted_exposure
+        mode = CONVOLVE_MODES[args.convolve] if args.convolve else None
+        kwargs = dict(template_fwhm_pix=args.template_fwhm,
+                      science_fwhm_pix=args.science_fwhm, mode=mode)
+        if args.mode == "match":
+            result = task.match_exposures(template, science, **kwargs)
+        else:
+            result = task.subtract_exposures(template, science, **kwargs)
+    product = (result.matched_exposure if args.mode == "match"
+               else result.subtracted_exposure)
     log.info("PSF matching (%s) done in %.2f s", result.metadata.get("mode", "?"),
              time.perf_counter() - t0)
     log.debug("result metadata: %s", result.metadata)
 
-    # diffim.image.write_fits adds the diffim version (DIFFIMV) itself.
-    header = fits.Header()
+    header = _provenance(args, "subtract", config)
     header["DIFFPROD"] = ("difference" if args.mode == "subtract" else "matched",
                           "diffim product")
     header["PSFMMODE"] = (str(result.metadata.get("mode", "")), "image that was convolved")
     header["TEMPLATE"] = (names[0], "template input")
     header["SCIENCE"] = (names[1], "science input")
-
-    for path in (args.output, args.kernel_out):
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
     write_fits(product, args.output, extra_header=header)
     log.info("wrote %s", args.output)
+    if args.matched_out is not None:
+        header["DIFFPROD"] = ("matched", "diffim product")
+        write_fits(result.matched_exposure, args.matched_out, extra_header=header)
+        log.info("wrote %s", args.matched_out)
     if args.kernel_out is not None:
+        _kernel_provenance(result.psf_matching_kernel, args, "subtract", config)
         result.psf_matching_kernel.write_fits(args.kernel_out, background=result.background_model)
         log.info("wrote kernel %s", args.kernel_out)
     return 0
+
+
+def _apply_saved_kernel(task, template, science, args):
+    """The workflow's subtract step: convolve and subtract with a 'diffim spatial' model."""
+    from astropy.io import fits
+
+    from .exceptions import DiffimError
+    from .spatial import BackgroundModel, SpatialKernel
+
+    kernel = SpatialKernel.read_fits(args.kernel)
+    try:
+        background = BackgroundModel.read_fits(args.kernel)
+        header = fits.getheader(args.kernel)
+    except (OSError, KeyError) as exc:
+        raise DiffimError(f"{args.kernel}: no background model in the kernel file ({exc}); "
+                          "write it with 'diffim spatial'") from exc
+    mode = header.get("PSFMMODE", "convolveTemplate")
+    result = task.apply(template, science, kernel, background, mode=mode,
+                        template_fwhm=header.get("TFWHM"), science_fwhm=header.get("SFWHM"),
+                        subtract=args.mode == "subtract", timings=task.metadata)
+    result.metadata = {**task.metadata, "mode": mode}
+    return result
+
+
+def _qa_result_from_products(args, config, template, science):
+    """Rebuild the PsfMatchResult of a workflow run from its step products."""
+    import json
+
+    from astropy.io import fits
+
+    from .candidates import read_solutions
+    from .image import read_fits
+    from .spatial import BackgroundModel, SpatialKernel
+    from .task import PsfMatchResult
+
+    names = ("kernel", "solutions", "candidates", "metadata", "difference", "matched")
+    missing = [f"--{n}" for n in names if getattr(args, n) is None]
+    if missing:
+        args._parser.error(f"the workflow products need {' '.join(missing)} as well")
+    _require_files(**{n: getattr(args, n) for n in names})
+    with open(args.metadata, encoding="utf-8") as fh:
+        metadata = json.load(fh)
+    selection, _ = _selection_from_table(config, template, science, args.candidates)
+    read_solutions(args.solutions, selection.cell_set)
+    kernel = SpatialKernel.read_fits(args.kernel)
+    background = BackgroundModel.read_fits(args.kernel)
+    metadata.setdefault("mode", fits.getheader(args.kernel).get("PSFMMODE"))
+    difference = read_fits(args.difference)
+    matched = read_fits(args.matched)
+    return PsfMatchResult(matched_image=matched.masked_image, psf_matching_kernel=kernel,
+                          background_model=background, kernel_cell_set=selection.cell_set,
+                          matched_exposure=matched,
+                          subtracted_masked_image=difference.masked_image,
+                          subtracted_exposure=difference, warped_exposure=template,
+                          metadata=metadata)
 
 
 def _cmd_qa(args):
@@ -372,13 +583,16 @@ def _cmd_qa(args):
     template = read_fits(template_path)
     log.info("reading science %s", science_path)
     science = read_fits(science_path)
-    mode = CONVOLVE_MODES[args.convolve] if args.convolve else None
-    t0 = time.perf_counter()
-    result = ImagePsfMatchTask(config).subtract_exposures(
-        template, science, template_fwhm_pix=args.template_fwhm,
-        science_fwhm_pix=args.science_fwhm, mode=mode)
-    log.info("PSF matching (%s) done in %.2f s", result.metadata.get("mode", "?"),
-             time.perf_counter() - t0)
+    if args.kernel is not None:
+        result = _qa_result_from_products(args, config, template, science)
+    else:
+        mode = CONVOLVE_MODES[args.convolve] if args.convolve else None
+        t0 = time.perf_counter()
+        result = ImagePsfMatchTask(config).subtract_exposures(
+            template, science, template_fwhm_pix=args.template_fwhm,
+            science_fwhm_pix=args.science_fwhm, mode=mode)
+        log.info("PSF matching (%s) done in %.2f s", result.metadata.get("mode", "?"),
+                 time.perf_counter() - t0)
 
     args.out_dir.mkdir(parents=True, exist_ok=True)
     # with a warped template, the plots and metrics use it on the science grid
@@ -387,7 +601,9 @@ def _cmd_qa(args):
     metrics = compute_metrics(result, template_used, science)
     metrics["template"] = os.path.basename(template_path)
     metrics["science"] = os.path.basename(science_path)
-    paths.append(write_metrics(metrics, args.out_dir / "metrics.json"))
+    metrics_path = args.metrics_out or args.out_dir / "metrics.json"
+    metrics_path.parent.mkdir(parents=True, exist_ok=True)
+    paths.append(write_metrics(metrics, metrics_path))
 
     def _fmt(value, spec):
         return "n/a" if value is None else format(value, spec)
@@ -401,9 +617,305 @@ def _cmd_qa(args):
     return 0
 
 
-def _one_line(exc):
-    text = " ".join(str(exc).split())
-    return text or type(exc).__name__
+# -- the workflow's steps --------------------------------------------------------------------
+
+def _require_files(**paths):
+    """Fail early, naming the file, before any expensive work."""
+    for name, path in paths.items():
+        if path is not None and not os.path.isfile(path):
+            raise ImageReadError(f"{name} file '{path}' does not exist or is not a file")
+
+
+def _prepare_outputs(*paths):
+    for path in paths:
+        if path is None:
+            continue
+        if Path(path).is_dir():
+            raise ImageReadError(f"output path '{path}' is a directory; give a file name")
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+
+
+def _options(args):
+    """The step's command-line options (as given) for provenance records."""
+    skip = {"func", "verbose", "quiet", "command"}
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in sorted(vars(args).items())
+            if not k.startswith("_") and k not in skip}
+
+
+def _provenance(args, step, config):
+    """Primary-header cards recording the step, its options and the configuration.
+
+    ``diffim.image.write_fits`` adds the diffim version (DIFFIMV) itself.
+    """
+    import json
+
+    from astropy.io import fits
+
+    header = fits.Header()
+    header["DIFFSTEP"] = (step, "diffim step that wrote this file")
+    header["DIFFOPTS"] = (json.dumps(_options(args), sort_keys=True), "step options (JSON)")
+    header["DIFFCONF"] = (json.dumps(config.to_dict(), sort_keys=True),
+                          "ImagePsfMatchConfig (JSON)")
+    return header
+
+
+def _kernel_provenance(kernel, args, step, config):
+    for card in _provenance(args, step, config).cards:
+        kernel.info[card.keyword] = card.value
+
+
+def _table_meta(args, step, config):
+    from . import __version__
+
+    return {"diffim_version": __version__, "step": step, "options": _options(args),
+            "config": config.to_dict()}
+
+
+def _read_images(args):
+    from .image import read_fits
+
+    _require_files(template=args.template, science=args.science, config=args.config)
+    log.info("reading template %s", args.template)
+    template = read_fits(args.template)
+    log.info("reading science %s", args.science)
+    science = read_fits(args.science)
+    return template, science
+
+
+def _write_table(table, path):
+    from ._atomic import atomic_open
+
+    with atomic_open(path, "w") as fh:
+        table.write(fh, format="ascii.ecsv")
+
+
+def _read_table(path, what):
+    from astropy.table import Table
+
+    from .exceptions import DiffimError
+
+    _require_files(**{what: path})
+    try:
+        return Table.read(path)
+    except (OSError, ValueError) as exc:
+        raise DiffimError(f"{what} '{path}': cannot read the table ({exc})") from exc
+
+
+def _selection_from_table(config, template, science, path):
+    """Rebuild the selection of 'diffim select' from its table (same candidates, same ids)."""
+    import numpy as np
+
+    from .candidates import read_candidate_table
+    from .exceptions import DiffimError
+    from .task import ImagePsfMatchTask
+
+    table = read_candidate_table(path)
+    meta = table.meta
+    positions = np.column_stack([np.asarray(table["x"], float), np.asarray(table["y"], float)])
+    task = ImagePsfMatchTask(config)
+    selection = task.make_selection(template.masked_image, science.masked_image, positions,
+                                    mode=meta.get("mode", "convolveTemplate"),
+                                    template_fwhm=meta.get("template_fwhm"),
+                                    science_fwhm=meta.get("science_fwhm"))
+    n = len(selection.cell_set.candidates())
+    if n != len(table):
+        raise DiffimError(f"{path}: lists {len(table)} candidates but the images give {n}; "
+                          "the table belongs to other inputs")
+    return selection, task
+
+
+def _cmd_warp(args):
+    template, science = _read_images(args)
+    _prepare_outputs(args.output)
+    _set_threads(args.threads)
+    config = _load_config(args.config, demo=False)
+    import json
+
+    from .image import write_fits
+    from .task import ImagePsfMatchTask
+
+    warped, registration = ImagePsfMatchTask(config).warp(template, science,
+                                                          do_warping=not args.no_warping)
+    header = _provenance(args, "warp", config)
+    header["REGISTR"] = (json.dumps(registration, sort_keys=True, default=str),
+                         "registration and overlap (JSON)")
+    write_fits(warped, args.output, extra_header=header)
+    log.info("wrote %s (%s)", args.output, registration.get("registrationMethod", "?"))
+    return 0
+
+
+def _cmd_detect(args):
+    from .image import read_fits
+    from .task import ImagePsfMatchTask
+
+    _require_files(image=args.image, config=args.config)
+    _prepare_outputs(args.output)
+    _set_threads(args.threads)
+    config = _load_config(args.config, demo=False)
+    log.info("reading %s image %s", args.which, args.image)
+    image = read_fits(args.image)
+    sources, fwhm = ImagePsfMatchTask(config).detect(image, args.which, args.fwhm)
+    sources.meta.update({**_table_meta(args, "detect", config), "which": args.which,
+                         "image": os.path.basename(args.image), "fwhm": fwhm})
+    _write_table(sources, args.output)
+    log.info("wrote %s: %d sources, FWHM %s px", args.output, len(sources),
+             "n/a" if fwhm is None else f"{fwhm:.3f}")
+    return 0
+
+
+def _cmd_select(args):
+    template, science = _read_images(args)
+    _prepare_outputs(args.output)
+    _set_threads(args.threads)
+    config = _load_config(args.config, demo=False)
+
+    from .candidates import write_candidate_table
+    from .task import ImagePsfMatchTask
+
+    t_src = _read_table(args.template_sources, "template sources")
+    s_src = _read_table(args.science_sources, "science sources")
+    candidate_list = (_read_table(args.candidate_list, "candidate list")
+                      if args.candidate_list is not None else None)
+    fwhm_t, fwhm_s = t_src.meta.get("fwhm"), s_src.meta.get("fwhm")
+    task = ImagePsfMatchTask(config)
+    mode = task.resolve_mode(CONVOLVE_MODES[args.convolve] if args.convolve else None,
+                             True, fwhm_t, fwhm_s)
+    detect_on = str(config.select.detect_on).lower()
+    selection = task.select(template.masked_image, science.masked_image, mode=mode,
+                            template_fwhm=fwhm_t, science_fwhm=fwhm_s,
+                            candidate_list=candidate_list,
+                            sources=s_src if detect_on == "science" else t_src)
+    write_candidate_table(selection.cell_set, args.output, meta={
+        **_table_meta(args, "select", config), "mode": mode, "template_fwhm": fwhm_t,
+        "science_fwhm": fwhm_s, "kernel_size": int(selection.basis.size)})
+    log.info("wrote %s: %d kernel candidates (%s)", args.output,
+             len(selection.cell_set.candidates()), mode)
+    return 0
+
+
+def _cmd_solve(args):
+    template, science = _read_images(args)
+    _require_files(candidates=args.candidates)
+    _prepare_outputs(args.output)
+    _set_threads(args.threads)
+    config = _load_config(args.config, demo=False)
+
+    from .candidates import GOOD, write_solutions
+
+    selection, task = _selection_from_table(config, template, science, args.candidates)
+    task.solve(selection)
+    write_solutions(selection.cell_set, args.output,
+                    provenance=dict(_provenance(args, "solve", config)))
+    fitted = [c for c in selection.cell_set.candidates() if c.orig is not None]
+    log.info("wrote %s: %d candidates fitted, %d good so far", args.output, len(fitted),
+             sum(c.status == GOOD for c in fitted))
+    return 0
+
+
+def _cmd_spatial(args):
+    template, science = _read_images(args)
+    _require_files(candidates=args.candidates, solutions=args.solutions)
+    _prepare_outputs(args.output, args.solutions_out, args.metadata_out)
+    _set_threads(args.threads)
+    config = _load_config(args.config, demo=False)
+    import json
+
+    from ._atomic import atomic_open
+    from .candidates import read_solutions, write_solutions
+
+    selection, task = _selection_from_table(config, template, science, args.candidates)
+    read_solutions(args.solutions, selection.cell_set)
+    kernel, background, _ = task.fit_spatial(selection)
+    _kernel_provenance(kernel, args, "spatial", config)
+    kernel.write_fits(args.output, background=background)
+    provenance = dict(_provenance(args, "spatial", config))
+    write_solutions(selection.cell_set, args.solutions_out, provenance=provenance)
+    metadata = {**task.metadata, "mode": selection.mode,
+                "templateFwhmPix": selection.template_fwhm,
+                "scienceFwhmPix": selection.science_fwhm}
+    with atomic_open(args.metadata_out, "w") as fh:
+        json.dump(metadata, fh, indent=1, sort_keys=True, default=str)
+    log.info("wrote %s: kernel sum %.4f at the centre, %s good candidates", args.output,
+             metadata.get("spatialKernelSum", float("nan")), metadata.get("nGoodCandidates"))
+    return 0
+
+
+def _science_position(warped_path, x, y):
+    """Template pixel (x, y) → science pixel, through the registration of 'diffim warp'."""
+    import json
+
+    import numpy as np
+    from astropy.io import fits
+
+    from .exceptions import DiffimError
+
+    record = json.loads(fits.getheader(warped_path).get("REGISTR", "{}"))
+    method = record.get("registrationMethod", "none")
+    if method in ("none", "catalog-identity"):
+        return x, y
+    if method == "catalog":
+        m = np.asarray(record["registrationTransform"], float)   # science -> template
+        return tuple(np.linalg.solve(m[:, :2], np.array([x, y]) - m[:, 2]))
+    raise DiffimError(f"{warped_path}: the template was warped by its WCS; give the object's "
+                      "position on the science grid with --frame science")
+
+
+def _cmd_lightcurve(args):
+    n = len(args.differences)
+    for name in ("warped", "kernels", "times"):
+        if len(getattr(args, name)) != n:
+            args._parser.error(f"--{name} needs one value per difference image ({n})")
+    _require_files(**{f"difference {i}": p for i, p in enumerate(args.differences)},
+                   **{f"warped {i}": p for i, p in enumerate(args.warped)},
+                   **{f"kernel {i}": p for i, p in enumerate(args.kernels)})
+    _prepare_outputs(args.output, args.plot)
+    _set_threads(args.threads)
+    from astropy.io import fits
+
+    from .image import read_fits
+    from .photometry import light_curve, plot_light_curve
+    from .spatial import SpatialKernel
+
+    diffs, positions, scales = [], [], []
+    for diff_path, warped_path, kernel_path in zip(args.differences, args.warped, args.kernels):
+        x, y = args.position
+        if args.frame == "template":
+            x, y = _science_position(warped_path, x, y)
+        kernel = SpatialKernel.read_fits(kernel_path)
+        mode = fits.getheader(kernel_path).get("PSFMMODE", "convolveTemplate")
+        scales.append(kernel.kernel_sum(x, y) if mode == "convolveTemplate" else 1.0)
+        positions.append((x, y))
+        diffs.append(read_fits(diff_path))
+    table = light_curve(args.times, diffs, positions, flux_scale=scales)
+    table.meta.update({"diffim_version": __version__, "step": "lightcurve",
+                       "options": _options(args)})
+    _write_table(table, args.output)
+    log.info("wrote %s: %d epochs", args.output, len(table))
+    if args.plot is not None:
+        plot_light_curve(table, args.plot, title=args.title)
+        log.info("wrote %s", args.plot)
+    return 0
+
+
+def _one_line(exc, args=None):
+    """The error as one line; names the input images when the message does not.
+
+    Errors raised deep in the task (no stars, no overlap, a failed fit) describe the
+    problem but not which files it came from; on the command line that is what the user
+    needs to know.
+    """
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if args is None or not isinstance(exc, DiffimError):
+        return text
+    images = list(getattr(args, "images", None) or [])
+    if not images:
+        images = [p for p in (getattr(args, "template", None), getattr(args, "science", None))
+                  if p is not None]
+    images = [str(p) for p in images]
+    if images and not any(p in text or os.path.basename(p) in text for p in images):
+        names = ", ".join(f"{role} '{p}'" for role, p in zip(("template", "science"), images))
+        text = f"{text} [{names}]"
+    return text
 
 
 def main(argv=None):
@@ -428,11 +940,17 @@ def main(argv=None):
     except (DiffimError, OSError) as exc:
         if args.verbose >= 2:
             log.error("traceback:", exc_info=exc)
-        print(f"diffim: error: {_one_line(exc)}", file=sys.stderr)
+        print(f"diffim: error: {_one_line(exc, args)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("diffim: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # a bug: still one line (and no partial output, see _atomic)
+        if args.verbose >= 2:
+            log.error("traceback:", exc_info=exc)
+        print(f"diffim: error: internal error ({type(exc).__name__}: {_one_line(exc, args)}); "
+              "please report it with the output of -v -v", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from .solve import build_single_kernels, kernel_sum_clip, make_pca_basis
 from .spatial import assess_spatial_kernel, fit_spatial_kernel
 from .warp import register_and_warp
 
-__all__ = ["ImagePsfMatchTask", "PsfMatchResult"]
+__all__ = ["ImagePsfMatchTask", "PsfMatchResult", "CandidateSelection"]
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,32 @@ class PsfMatchResult:
     subtracted_exposure: Exposure | None = None
     warped_exposure: Exposure | None = None
     metadata: dict = field(default_factory=dict)
+
+
+@dataclass
+class CandidateSelection:
+    """The kernel candidates of one pair and how they are fitted (the ``select`` step).
+
+    Attributes
+    ----------
+    mode : str
+        "convolveTemplate" or "convolveScience".
+    template_fwhm, science_fwhm : float or None
+        PSF FWHMs (pixels) the basis was built for.
+    basis : KernelBasis
+    cell_set : SpatialCellSet
+        The candidates, with their stamps, statuses and (after :meth:`~ImagePsfMatchTask.
+        solve`) solutions.
+    bad_bits : int
+        Mask bits that keep a pixel out of the fits.
+    """
+
+    mode: str
+    template_fwhm: float | None
+    science_fwhm: float | None
+    basis: object
+    cell_set: SpatialCellSet
+    bad_bits: int
 
 
 def _peak_rss_mb():
@@ -181,7 +207,8 @@ class ImagePsfMatchTask:
         self.metadata.update(basis.info)
         return basis
 
-    def make_candidate_list(self, template, science, kernel_size, candidate_list=None):
+    def make_candidate_list(self, template, science, kernel_size, candidate_list=None,
+                            sources=None):
         """Kernel-source positions: the given list, or sep detections on the science image.
 
         Parameters
@@ -189,6 +216,9 @@ class ImagePsfMatchTask:
         template, science : MaskedImage
         kernel_size : int
         candidate_list : Table or array, optional
+        sources : astropy.table.Table, optional
+            A :meth:`detect` catalog of the ``config.select.detect_on`` image, reused
+            instead of detecting again.
 
         Returns
         -------
@@ -198,10 +228,11 @@ class ImagePsfMatchTask:
             return _positions(candidate_list)
         from .detect import select_kernel_sources
 
-        table = select_kernel_sources(template, science, kernel_size, self.config)
+        table = select_kernel_sources(template, science, kernel_size, self.config,
+                                      sources=sources)
         return _positions(table)
 
-    def _fwhm(self, exposure, given, which):
+    def _fwhm(self, exposure, given, which, sources=None):
         """PSF FWHM in pixels: the argument, a known value, or a measurement from stars.
 
         A value read from a seeing keyword (``FWHMSRC = 'header'``) is only a hint: it is
@@ -215,7 +246,7 @@ class ImagePsfMatchTask:
         from .detect import measure_fwhm
 
         try:
-            fwhm = float(measure_fwhm(exposure.masked_image))
+            fwhm = float(measure_fwhm(exposure.masked_image, sources))
         except NoKernelCandidatesError as exc:
             if hint is not None:
                 log.warning("Could not measure the %s PSF FWHM (%s); using the header value "
@@ -230,26 +261,203 @@ class ImagePsfMatchTask:
             log.info("Measured %s PSF FWHM: %.3f px", which, fwhm)
         return fwhm
 
-    def _solve(self, cell_set, basis, fit_for_background, bad_bits):
-        """The ip_diffim iteration: single fits, kernel-sum clip, (PCA), spatial fit, assess."""
+    def _needs_fwhm_measurement(self, exposure, given):
+        return given is None and (exposure.psf_fwhm is None
+                                  or exposure.metadata.get("FWHMSRC") == "header")
+
+    # -- the pipeline steps (each is one workflow rule and one CLI subcommand) -----------
+
+    def warp(self, template_exposure, science_exposure, do_warping=True):
+        """Step ``warp``: the template on the science pixel grid.
+
+        Returns
+        -------
+        (Exposure, dict)
+            The warped template (the input itself when no resampling is needed) and the
+            registration record (see :func:`diffim.warp.register_and_warp`).
+        """
+        warped, registration = register_and_warp(template_exposure, science_exposure,
+                                                 self.config, do_warping)
+        _check_same_grid(warped.masked_image, science_exposure.masked_image)
+        return warped, registration
+
+    def detect(self, exposure, which="science", fwhm=None, *, catalog=True):
+        """Step ``detect``: sep sources of one image and its PSF FWHM.
+
+        Sources are detected with ``config.select.detection_threshold`` and
+        ``background_box``, so the same catalog serves the FWHM measurement and the
+        kernel-source selection.
+
+        Parameters
+        ----------
+        exposure : Exposure
+        which : str
+            "science" or "template", for the log.
+        fwhm : float, optional
+            A known FWHM (pixels); otherwise the exposure's, or measured from the stars.
+        catalog : bool
+            False skips detection when the FWHM is already known (the catalog is then
+            None).
+
+        Returns
+        -------
+        (astropy.table.Table or None, float or None)
+            The catalog (see :func:`diffim.detect.detect_sources`) and the FWHM.
+        """
+        sources = None
+        if catalog or self._needs_fwhm_measurement(exposure, fwhm):
+            from .detect import detect_sources
+
+            sel = self.config.select
+            sources = detect_sources(exposure.masked_image,
+                                     threshold=sel.detection_threshold,
+                                     background_box=sel.background_box)
+        return sources, self._fwhm(exposure, fwhm, which, sources)
+
+    def resolve_mode(self, mode=None, convolve_template=True, template_fwhm=None,
+                     science_fwhm=None):
+        """Which image to convolve: "convolveTemplate" or "convolveScience".
+
+        ``mode`` (default ``config.mode``) may be "auto": convolve the image with the
+        narrower PSF.  ``convolve_template=False`` means "convolveScience" when ``mode``
+        is None.
+        """
+        if mode is None:
+            mode = self.config.mode if convolve_template else "convolveScience"
+        if mode not in _MODES:
+            msg = f"mode must be one of {_MODES}, got {mode!r}"
+            raise ValueError(msg)
+        if mode == "auto":
+            if (template_fwhm is not None and science_fwhm is not None
+                    and template_fwhm > science_fwhm):
+                mode = "convolveScience"
+            else:
+                mode = "convolveTemplate"
+            log.info("mode=auto: %s (template FWHM %s px, science FWHM %s px)", mode,
+                     template_fwhm, science_fwhm)
+        return mode
+
+    def select(self, template, science, *, mode="convolveTemplate", template_fwhm=None,
+               science_fwhm=None, candidate_list=None, sources=None):
+        """Step ``select``: kernel sources, their stamps and the cells that hold them.
+
+        Sources are always found on the science image (or the template, with
+        ``config.select.detect_on``), whichever image is convolved.
+
+        Parameters
+        ----------
+        template, science : MaskedImage
+            On one pixel grid (the template warped).
+        mode : {"convolveTemplate", "convolveScience"}
+        template_fwhm, science_fwhm : float, optional
+        candidate_list : Table or (N, 2) array, optional
+            Replaces the detection.
+        sources : astropy.table.Table, optional
+            A :meth:`detect` catalog of the ``detect_on`` image.
+
+        Returns
+        -------
+        CandidateSelection
+        """
+        _check_same_grid(template, science)
+        f_conv, f_ref = ((template_fwhm, science_fwhm) if mode == "convolveTemplate"
+                         else (science_fwhm, template_fwhm))
+        basis = self.make_kernel_basis(f_conv, f_ref)
+        positions = self.make_candidate_list(template, science, basis.size, candidate_list,
+                                             sources)
+        return self.make_selection(template, science, positions, mode=mode,
+                                   template_fwhm=template_fwhm, science_fwhm=science_fwhm,
+                                   basis=basis)
+
+    def make_selection(self, template, science, positions, *, mode="convolveTemplate",
+                       template_fwhm=None, science_fwhm=None, basis=None):
+        """Cut and vet the stamps at ``positions`` and file them in spatial cells.
+
+        Deterministic: the same images and positions give the same candidates with the
+        same ids, which is how the workflow's later steps rebuild a selection from
+        ``candidates.ecsv``.
+
+        Returns
+        -------
+        CandidateSelection
+        """
+        _check_same_grid(template, science)
+        to_convolve, reference = ((template, science) if mode == "convolveTemplate"
+                                  else (science, template))
+        f_conv, f_ref = ((template_fwhm, science_fwhm) if mode == "convolveTemplate"
+                         else (science_fwhm, template_fwhm))
         cfg = self.kconfig
-        reg = None
+        if basis is None:
+            basis = self.make_kernel_basis(f_conv, f_ref)
+        candidates = make_candidates(to_convolve, reference, positions, cfg, basis.size)
+        cell_set = SpatialCellSet(to_convolve.bbox, cfg.size_cell_x, cfg.size_cell_y)
+        for cand in candidates:
+            cell_set.insert(cand)
+        bad_bits = (reference.get_plane_bitmask(*cfg.bad_mask_planes)
+                    | to_convolve.get_plane_bitmask(*cfg.bad_mask_planes))
+        return CandidateSelection(mode=mode, template_fwhm=template_fwhm,
+                                  science_fwhm=science_fwhm, basis=basis, cell_set=cell_set,
+                                  bad_bits=bad_bits)
+
+    def _regularization(self, basis):
+        cfg = self.kconfig
         if basis.kind == "delta-function" and getattr(cfg, "use_regularization", False):
-            reg = make_regularization_matrix(cfg, basis.size, fit_for_background)
+            return make_regularization_matrix(cfg, basis.size, cfg.fit_for_background)
+        return None
+
+    def _single_pass(self, selection, reg):
+        """Fit every visited candidate not fitted yet, until no new one is rejected."""
+        while True:
+            _, n_rej = build_single_kernels(selection.cell_set, selection.basis, self.kconfig,
+                                            fit_for_background=self.kconfig.fit_for_background,
+                                            regularization=reg, bad_bits=selection.bad_bits)
+            if n_rej == 0:
+                return
+
+    def solve(self, selection):
+        """Step ``solve``: per-candidate kernel fits and kernel-sum clipping.
+
+        Fits the ``n_star_per_cell`` best candidates of every cell (promoting the next of a
+        cell when one is rejected) until the kernel-sum clipping rejects none; updates the
+        candidates of ``selection`` in place.
+
+        Returns
+        -------
+        CandidateSelection
+        """
+        reg = self._regularization(selection.basis)
+        while True:
+            self._single_pass(selection, reg)
+            _, _, n_rej = kernel_sum_clip(selection.cell_set, self.kconfig)
+            if n_rej == 0:
+                return selection
+
+    def fit_spatial(self, selection):
+        """Step ``spatial``: the spatial kernel and background models.
+
+        The ip_diffim iteration on top of :meth:`solve`: (PCA basis,) spatial fit, and
+        assessment of every candidate against it; a rejection promotes the next candidate
+        of its cell and starts again, at most ``max_spatial_iterations`` times.
+
+        Returns
+        -------
+        (SpatialKernel, BackgroundModel, dict)
+            The kernel, the background and the fit information.
+
+        Raises
+        ------
+        NoKernelCandidatesError
+            If every candidate was rejected.
+        """
+        cfg = self.kconfig
+        cell_set, bad_bits = selection.cell_set, selection.bad_bits
+        fit_for_background = cfg.fit_for_background
         n_star = cfg.n_star_per_cell
         iteration = 0
         n_rej_spatial = 0
         kernel = bg = info = None
-        spatial_basis = basis
+        spatial_basis = selection.basis
         guard = 0
-
-        def single_pass():
-            while True:
-                _, n_rej = build_single_kernels(cell_set, basis, cfg,
-                                                fit_for_background=fit_for_background,
-                                                regularization=reg, bad_bits=bad_bits)
-                if n_rej == 0:
-                    return
 
         def pca_pass():
             for c in cell_set.candidates():
@@ -276,10 +484,7 @@ class ImagePsfMatchTask:
             guard += 1
             if guard > 50 * cfg.max_spatial_iterations:
                 break  # each restart rejects at least one star, so this only bounds a pathology
-            single_pass()
-            _, _, n_rej_ksum = kernel_sum_clip(cell_set, cfg)
-            if n_rej_ksum > 0:
-                continue
+            self.solve(selection)
             if cfg.use_pca_for_spatial_kernel:
                 spatial_basis, n_rej_pca = pca_pass()
                 if n_rej_pca > 0:
@@ -308,6 +513,11 @@ class ImagePsfMatchTask:
                 if c.recent is None:
                     c.set_bad("never fitted (promoted after the last single-kernel pass)")
         self._diagnostic(cell_set, kernel, info, fit_for_background)
+        kernel.info["PSFMMODE"] = selection.mode
+        for key, value in (("TFWHM", selection.template_fwhm),
+                           ("SFWHM", selection.science_fwhm)):
+            if value is not None:
+                kernel.info[key] = float(value)
         return kernel, bg, info
 
     def _orders(self, n_good, fit_for_background):
@@ -364,25 +574,86 @@ class ImagePsfMatchTask:
                               "kernelConstraint": k_status, "backgroundConstraint": bg_status,
                               "spatialUsedPseudoInverse": info["used_pseudo_inverse"]})
 
-    def _match(self, to_convolve, reference, positions, fwhm_conv, fwhm_ref, basis=None):
-        _check_same_grid(to_convolve, reference)
-        cfg = self.kconfig
-        if basis is None:
-            basis = self.make_kernel_basis(fwhm_conv, fwhm_ref)
-        with _stage(self.metadata, "stamps"):
-            candidates = make_candidates(to_convolve, reference, positions, cfg, basis.size)
-            cell_set = SpatialCellSet(to_convolve.bbox, cfg.size_cell_x, cfg.size_cell_y)
-            for cand in candidates:
-                cell_set.insert(cand)
-        bad_bits = (reference.get_plane_bitmask(*cfg.bad_mask_planes)
-                    | to_convolve.get_plane_bitmask(*cfg.bad_mask_planes))
+    def apply(self, template, science, kernel, background, *, mode="convolveTemplate",
+              template_fwhm=None, science_fwhm=None, subtract=True, timings=None):
+        """Step ``subtract``: convolve with a fitted kernel and (optionally) subtract.
+
+        Parameters
+        ----------
+        template, science : Exposure or MaskedImage
+            On one pixel grid (the template warped).
+        kernel : SpatialKernel
+        background : BackgroundModel
+        mode : {"convolveTemplate", "convolveScience"}
+        template_fwhm, science_fwhm : float, optional
+            PSF FWHMs; the difference carries the one of the image not convolved.
+        subtract : bool
+            Also form the difference.
+        timings : dict, optional
+            Receives the stage timings (``convolve``, ``subtract``).
+
+        Returns
+        -------
+        PsfMatchResult
+            ``matched_image``, ``psf_matching_kernel``, ``background_model`` and, with
+            Exposures, ``matched_exposure``; with ``subtract``, ``subtracted_masked_image``
+            (and ``subtracted_exposure``).  ``kernel_cell_set`` is None.
+        """
+        metadata = {} if timings is None else timings
+        t_exp = template if isinstance(template, Exposure) else None
+        s_exp = science if isinstance(science, Exposure) else None
+        tmi = template.masked_image if t_exp is not None else template
+        smi = science.masked_image if s_exp is not None else science
+        _check_same_grid(tmi, smi)
+        conv = tmi if mode == "convolveTemplate" else smi
+        with _stage(metadata, "convolve"):
+            matched = convolve_masked_image(conv, kernel)
+        result = PsfMatchResult(matched_image=matched, psf_matching_kernel=kernel,
+                                background_model=background, kernel_cell_set=None)
+        if s_exp is not None:
+            result.matched_exposure = Exposure(matched, wcs=s_exp.wcs, psf_fwhm=None,
+                                               phot_scale=s_exp.phot_scale,
+                                               metadata=_product_metadata(s_exp))
+        if not subtract:
+            return result
+        with _stage(metadata, "subtract"):
+            if mode == "convolveTemplate":
+                diff = self._difference(smi, matched, background)
+                psf_fwhm, exp = science_fwhm, s_exp
+            else:
+                x0, y0, x1, y1 = smi.bbox
+                ksum = kernel.kernel_sum(0.5 * (x0 + x1 - 1), 0.5 * (y0 + y1 - 1))
+                diff = self._difference(tmi, matched, background, scale=ksum, invert=True)
+                psf_fwhm, exp = template_fwhm, t_exp
+        result.subtracted_masked_image = diff
+        if s_exp is not None:
+            result.subtracted_exposure = Exposure(
+                diff, wcs=s_exp.wcs, psf_fwhm=psf_fwhm,
+                phot_scale=exp.phot_scale if exp is not None else None,
+                metadata=_product_metadata(s_exp))
+        return result
+
+    def _run(self, template, science, *, mode, template_fwhm, science_fwhm, candidate_list,
+             sources, subtract):
+        """select → solve → spatial → subtract on registered images."""
+        with _stage(self.metadata, "select"):
+            selection = self.select(template.masked_image if isinstance(template, Exposure)
+                                    else template,
+                                    science.masked_image if isinstance(science, Exposure)
+                                    else science,
+                                    mode=mode, template_fwhm=template_fwhm,
+                                    science_fwhm=science_fwhm, candidate_list=candidate_list,
+                                    sources=sources)
         with _stage(self.metadata, "solve"):
-            kernel, bg, _ = self._solve(cell_set, basis, cfg.fit_for_background, bad_bits)
-        with _stage(self.metadata, "convolve"):
-            matched = convolve_masked_image(to_convolve, kernel)
-        return PsfMatchResult(matched_image=matched, psf_matching_kernel=kernel,
-                              background_model=bg, kernel_cell_set=cell_set,
-                              metadata=dict(self.metadata))
+            self.solve(selection)
+        with _stage(self.metadata, "spatial"):
+            kernel, bg, _ = self.fit_spatial(selection)
+        result = self.apply(template, science, kernel, bg, mode=mode,
+                            template_fwhm=template_fwhm, science_fwhm=science_fwhm,
+                            subtract=subtract, timings=self.metadata)
+        result.kernel_cell_set = selection.cell_set
+        result.metadata = dict(self.metadata)
+        return result
 
     # -- the four entry points ---------------------------------------------------------
 
@@ -411,11 +682,9 @@ class ImagePsfMatchTask:
         """
         self.metadata = {}
         _check_same_grid(template, science)
-        basis = self.make_kernel_basis(template_fwhm_pix, science_fwhm_pix)
-        with _stage(self.metadata, "select"):
-            positions = self.make_candidate_list(template, science, basis.size, candidate_list)
-        return self._match(template, science, positions, template_fwhm_pix, science_fwhm_pix,
-                           basis)
+        return self._run(template, science, mode="convolveTemplate",
+                         template_fwhm=template_fwhm_pix, science_fwhm=science_fwhm_pix,
+                         candidate_list=candidate_list, sources=None, subtract=False)
 
     def subtract_masked_images(self, template, science, candidate_list=None,
                                template_fwhm_pix=None, science_fwhm_pix=None):
@@ -428,12 +697,11 @@ class ImagePsfMatchTask:
         PsfMatchResult
             With ``subtracted_masked_image`` added.
         """
-        result = self.match_masked_images(template, science, candidate_list,
-                                          template_fwhm_pix, science_fwhm_pix)
-        with _stage(result.metadata, "subtract"):
-            result.subtracted_masked_image = self._difference(science, result.matched_image,
-                                                              result.background_model)
-        return result
+        self.metadata = {}
+        _check_same_grid(template, science)
+        return self._run(template, science, mode="convolveTemplate",
+                         template_fwhm=template_fwhm_pix, science_fwhm=science_fwhm_pix,
+                         candidate_list=candidate_list, sources=None, subtract=True)
 
     def _difference(self, science, matched, background, scale=1.0, invert=False):
         """``(S − M − bg)/scale`` (or ``(M + bg − S)/scale``), with variance and mask."""
@@ -449,25 +717,39 @@ class ImagePsfMatchTask:
         mask, planes = _merged_mask(science, matched)
         return MaskedImage(d, mask, var, xy0=science.xy0, mask_planes=planes)
 
-    def _resolve_mode(self, mode, convolve_template, fwhm_t, fwhm_s):
-        if mode is None:
-            mode = self.config.mode if convolve_template else "convolveScience"
-        if mode not in _MODES:
-            msg = f"mode must be one of {_MODES}, got {mode!r}"
-            raise ValueError(msg)
-        if mode == "auto":
-            if fwhm_t is not None and fwhm_s is not None and fwhm_t > fwhm_s:
-                mode = "convolveScience"
-            else:
-                mode = "convolveTemplate"
-            log.info("mode=auto: %s (template FWHM %s px, science FWHM %s px)", mode,
-                     fwhm_t, fwhm_s)
-        return mode
+    def _exposures(self, template_exposure, science_exposure, template_fwhm_pix,
+                   science_fwhm_pix, candidate_list, do_warping, convolve_template, mode,
+                   subtract):
+        self.metadata = {}
+        with _stage(self.metadata, "warp"):
+            warped, registration = self.warp(template_exposure, science_exposure, do_warping)
+        self.metadata.update(registration)
+        detect_on = str(self.config.select.detect_on).lower()
+        with _stage(self.metadata, "detect"):
+            # catalogs only where the selection needs one; FWHMs always
+            s_src, fwhm_s = self.detect(science_exposure, "science", science_fwhm_pix,
+                                        catalog=candidate_list is None
+                                        and detect_on == "science")
+            t_src, fwhm_t = self.detect(warped, "template", template_fwhm_pix,
+                                        catalog=candidate_list is None
+                                        and detect_on == "template")
+        mode = self.resolve_mode(mode, convolve_template, fwhm_t, fwhm_s)
+        self.metadata.update({"mode": mode, "templateFwhmPix": fwhm_t,
+                              "scienceFwhmPix": fwhm_s})
+        result = self._run(warped, science_exposure, mode=mode, template_fwhm=fwhm_t,
+                           science_fwhm=fwhm_s, candidate_list=candidate_list,
+                           sources=s_src if detect_on == "science" else t_src,
+                           subtract=subtract)
+        result.warped_exposure = warped
+        return result
 
     def match_exposures(self, template_exposure, science_exposure, template_fwhm_pix=None,
                         science_fwhm_pix=None, candidate_list=None, do_warping=True,
                         convolve_template=True, mode=None):
         """PSF-match two Exposures.
+
+        The steps are those of the workflow: :meth:`warp`, :meth:`detect` (both images),
+        :meth:`select`, :meth:`solve`, :meth:`fit_spatial` and :meth:`apply`.
 
         Parameters
         ----------
@@ -505,35 +787,9 @@ class ImagePsfMatchTask:
         RegistrationError
             Catalog registration found no reliable transform.
         """
-        self.metadata = {}
-        template, science = template_exposure, science_exposure
-        with _stage(self.metadata, "register/warp"):
-            warped, registration = register_and_warp(template, science, self.config,
-                                                     do_warping)
-        self.metadata.update(registration)
-        _check_same_grid(warped.masked_image, science.masked_image)
-        with _stage(self.metadata, "fwhm"):
-            fwhm_t = self._fwhm(warped, template_fwhm_pix, "template")
-            fwhm_s = self._fwhm(science, science_fwhm_pix, "science")
-        mode = self._resolve_mode(mode, convolve_template, fwhm_t, fwhm_s)
-        if mode == "convolveTemplate":
-            conv, ref, f_conv, f_ref = warped, science, fwhm_t, fwhm_s
-        else:
-            conv, ref, f_conv, f_ref = science, warped, fwhm_s, fwhm_t
-        basis = self.make_kernel_basis(f_conv, f_ref)
-        # kernel sources are always found on the science image, whichever is convolved
-        with _stage(self.metadata, "select"):
-            positions = self.make_candidate_list(warped.masked_image, science.masked_image,
-                                                 basis.size, candidate_list)
-        result = self._match(conv.masked_image, ref.masked_image, positions, f_conv, f_ref,
-                             basis)
-        result.metadata.update({"mode": mode, "templateFwhmPix": fwhm_t,
-                                "scienceFwhmPix": fwhm_s})
-        result.matched_exposure = Exposure(result.matched_image, wcs=science.wcs,
-                                           psf_fwhm=None, phot_scale=science.phot_scale,
-                                           metadata=_product_metadata(science))
-        result.warped_exposure = warped
-        return result
+        return self._exposures(template_exposure, science_exposure, template_fwhm_pix,
+                               science_fwhm_pix, candidate_list, do_warping,
+                               convolve_template, mode, subtract=False)
 
     def subtract_exposures(self, template_exposure, science_exposure, template_fwhm_pix=None,
                            science_fwhm_pix=None, candidate_list=None, do_warping=True,
@@ -550,26 +806,6 @@ class ImagePsfMatchTask:
         PsfMatchResult
             Adds ``subtracted_exposure`` (science WCS and metadata).
         """
-        result = self.match_exposures(template_exposure, science_exposure, template_fwhm_pix,
-                                      science_fwhm_pix, candidate_list, do_warping,
-                                      convolve_template, mode)
-        science = science_exposure.masked_image
-        warped = result.warped_exposure
-        with _stage(result.metadata, "subtract"):
-            if result.metadata["mode"] == "convolveTemplate":
-                diff = self._difference(science, result.matched_image, result.background_model)
-                psf_fwhm = result.metadata["scienceFwhmPix"]
-                phot = science_exposure.phot_scale
-            else:
-                x0, y0, x1, y1 = science.bbox
-                ksum = result.psf_matching_kernel.kernel_sum(0.5 * (x0 + x1 - 1),
-                                                             0.5 * (y0 + y1 - 1))
-                diff = self._difference(warped.masked_image, result.matched_image,
-                                        result.background_model, scale=ksum, invert=True)
-                psf_fwhm = result.metadata["templateFwhmPix"]
-                phot = warped.phot_scale
-        result.subtracted_masked_image = diff
-        result.subtracted_exposure = Exposure(diff, wcs=science_exposure.wcs, psf_fwhm=psf_fwhm,
-                                              phot_scale=phot,
-                                              metadata=_product_metadata(science_exposure))
-        return result
+        return self._exposures(template_exposure, science_exposure, template_fwhm_pix,
+                               science_fwhm_pix, candidate_list, do_warping,
+                               convolve_template, mode, subtract=True)

@@ -46,7 +46,7 @@ def test_subtract_exposures_outputs(pair, config):
     for key in ("spatialConditionNum", "spatialKernelSum", "ALBasisSigGauss", "nGoodCandidates"):
         assert key in res.metadata
     timings = res.metadata["timings"]
-    assert list(timings) == ["register/warp", "fwhm", "select", "stamps", "solve", "convolve",
+    assert list(timings) == ["warp", "detect", "select", "solve", "spatial", "convolve",
                              "subtract"]
     assert all(t["wall"] >= 0 and t["cpu"] >= 0 for t in timings.values())
     assert timings["convolve"]["wall"] > 0

@@ -19,8 +19,7 @@ rule simulate_demo:
         mem_mb=1000,
         runtime=10,
     params:
-        python=python_exe(),
-        src=PACKAGE_ROOT,
+        diffim=diffim_command(),
         out_dir=output_dir,
         seed=demo_seed,
         size=config["demo"]["size"],
@@ -31,8 +30,7 @@ rule simulate_demo:
         fwhm_gradient=config["demo"]["fwhm_gradient"],
         psf=config["demo"]["psf"],
     shell:
-        "PYTHONPATH={params.src:q}${{PYTHONPATH:+:$PYTHONPATH}} "
-        "{params.python:q} -m diffim simulate --out-dir {params.out_dir:q} "
+        "{params.diffim} simulate --out-dir {params.out_dir:q} "
         "--prefix {wildcards.pair}_ --seed {params.seed} --size {params.size} "
         "--n-stars {params.n_stars} --n-transients {params.n_transients} "
         "--template-fwhm {params.template_fwhm} --science-fwhm {params.science_fwhm} "

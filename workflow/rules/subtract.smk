@@ -1,43 +1,29 @@
-# PSF matching and subtraction.  For now one job per pair runs the whole ImagePsfMatchTask
-# (detection, kernel fit, spatial model, convolution); the steps will become separate rules.
-
-
-rule diffim_config:
-    output:
-        yaml=DIFFIM_CONFIG,
-    log:
-        "logs/diffim_config.log",
-    localrule: True
-    params:
-        settings=config["diffim"],
-    run:
-        write_yaml(params.settings, output.yaml)
+# Step 6: apply the kernel model: the PSF-matched template and the difference image.
 
 
 rule subtract:
     input:
-        template=get_template,
+        template="results/{pair}/warp/template.fits",
         science=get_science,
-        config=DIFFIM_CONFIG,
+        kernel="results/{pair}/spatial/kernel.fits",
+        config=diffim_config_file(),
     output:
-        diff="results/{pair}/diff.fits",
-        kernel="results/{pair}/kernel.fits",
+        diff="results/{pair}/subtract/diff.fits",
+        matched="results/{pair}/subtract/matched.fits",
     log:
         "logs/subtract/{pair}.log",
     benchmark:
         "results/benchmarks/subtract/{pair}.tsv"
     conda:
         "../../envs/diffim.yaml"
-    threads: config["subtract"]["threads"]
+    threads: step_threads("subtract")
     resources:
-        mem_mb=subtract_mem_mb,
-        runtime=config["subtract"]["runtime"],
+        mem_mb=step_mem_mb("subtract"),
+        runtime=step_runtime("subtract"),
     params:
-        python=python_exe(),
-        src=PACKAGE_ROOT,
-        convolve=convolve_option,
+        diffim=diffim_command(),
+        options=step_options("subtract"),
     shell:
-        "PYTHONPATH={params.src:q}${{PYTHONPATH:+:$PYTHONPATH}} "
-        "{params.python:q} -m diffim subtract {input.template:q} {input.science:q} "
-        "-o {output.diff:q} --kernel-out {output.kernel:q} --config {input.config:q} "
-        "{params.convolve} --threads {threads} > {log:q} 2>&1"
+        "{params.diffim} subtract {input.template:q} {input.science:q} --kernel {input.kernel:q} "
+        "-o {output.diff:q} --matched-out {output.matched:q} --config {input.config:q} "
+        "--threads {threads} > {log:q} 2>&1"
