@@ -638,7 +638,13 @@ def _prepare_outputs(*paths):
 def _options(args):
     """The step's command-line options (as given) for provenance records."""
     skip = {"func", "verbose", "quiet", "command"}
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in sorted(vars(args).items())
+
+    def plain(value):
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        return str(value) if isinstance(value, Path) else value
+
+    return {k: plain(v) for k, v in sorted(vars(args).items())
             if not k.startswith("_") and k not in skip}
 
 
@@ -869,7 +875,6 @@ def _cmd_lightcurve(args):
                    **{f"warped {i}": p for i, p in enumerate(args.warped)},
                    **{f"kernel {i}": p for i, p in enumerate(args.kernels)})
     _prepare_outputs(args.output, args.plot)
-    _set_threads(args.threads)
     from astropy.io import fits
 
     from .image import read_fits

@@ -56,6 +56,11 @@ def read_pairs(path):
 
 PAIRS = read_pairs(config["pairs"])
 
+if config["diffim_config_file"] and not os.path.isfile(config["diffim_config_file"]):
+    raise ValueError(
+        f"diffim_config_file {config['diffim_config_file']!r} does not exist"
+    )
+
 LIGHT_CURVE_OBJECTS = {o["name"]: o for o in config["light_curve"]["objects"]}
 if LIGHT_CURVE_OBJECTS and any("mjd" not in row for row in PAIRS.values()):
     raise ValueError(
