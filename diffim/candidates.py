@@ -266,6 +266,9 @@ def make_candidates(template, science, positions, config, kernel_size):
     n_out = n_mask = n_small = 0
     for pos in positions:
         x, y = float(pos[0]), float(pos[1])
+        if not (math.isfinite(x) and math.isfinite(y)):
+            n_out += 1
+            continue
         cx, cy = round(x), round(y)
         if not (x0 <= cx < x1 and y0 <= cy < y1):
             n_out += 1
@@ -285,12 +288,14 @@ def make_candidates(template, science, positions, config, kernel_size):
             continue
         rating = _rating(s, config.candidate_core_radius, stat_bits)
         out.append(KernelCandidate(id=len(out), x=x, y=y, template=t, science=s, rating=rating))
-    log.info("Kernel candidates: %d of %d positions usable (%d outside the image, %d with "
+    log.info("Kernel candidates: %d of %d positions usable (%d outside the image or not "
+             "finite, %d with "
              "masked or non-finite pixels, %d too close to an edge)",
              len(out), len(positions), n_out, n_mask, n_small)
     if not out:
         msg = (f"cannot find any objects suitable for kernel candidacy: of {len(positions)} "
-               f"positions {n_out} are outside the image, {n_mask} have masked or non-finite "
+               f"positions {n_out} are outside the image or not finite, {n_mask} have masked or "
+               "non-finite "
                f"pixels in a stamp, {n_small} are too close to an edge; give more sources or "
                "relax detection_config.bad_mask_planes")
         raise NoKernelCandidatesError(msg)

@@ -2,7 +2,8 @@
 
 Every error derives from :class:`DiffimError`, so callers (and the command
 line) can catch one class.  Messages name the file, value or setting at
-fault and say what to change.
+fault and say what to change.  ``docs/errors.md`` lists every error a user can
+meet, its typical causes and what to do about it.
 """
 
 __all__ = [

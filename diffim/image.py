@@ -799,15 +799,27 @@ def _read_wcs(path, header, hdul, label):
             # wcslib defers some checks to the first transform, so try one now.
             nx = header.get("NAXIS1", header.get("ZNAXIS1", 1))
             ny = header.get("NAXIS2", header.get("ZNAXIS2", 1))
-            world = wcs.all_pix2world([[0.5 * (nx - 1), 0.5 * (ny - 1)]], 0)
+            centre = np.array([[0.5 * (nx - 1), 0.5 * (ny - 1)]])
+            world = wcs.all_pix2world(centre, 0)
+            back = None
+            if np.all(np.isfinite(world)):
+                # a singular CD/PC matrix maps pixels to the sky but not back; the warp
+                # needs both directions
+                back = wcs.all_world2pix(world, 0)
     except Exception as exc:
+        detail = " ".join(str(exc).split())
         raise ImageReadError(f"cannot read FITS file {path!r}: the WCS in the {label} header is "
-                             f"invalid ({type(exc).__name__}: {str(exc).strip()}); fix or "
-                             f"remove the WCS keywords") from exc
+                             f"invalid ({type(exc).__name__}: {detail}); fix or remove the "
+                             f"WCS keywords") from exc
     if not np.all(np.isfinite(world)):
         raise ImageReadError(f"cannot read FITS file {path!r}: the WCS in the {label} header "
                              f"gives non-finite sky coordinates at the image centre; fix or "
                              f"remove the WCS keywords")
+    if not (np.all(np.isfinite(back)) and np.max(np.abs(back - centre)) < 1e-3):
+        raise ImageReadError(f"cannot read FITS file {path!r}: the WCS in the {label} header "
+                             f"cannot be inverted (its CD/PC matrix is singular: sky "
+                             f"coordinates do not map back to pixels); fix or remove the WCS "
+                             f"keywords")
     return wcs
 
 
@@ -824,13 +836,19 @@ def _read_mef(path, hdul):
     img_hdr = hdul["IMAGE"].header
     mask_hdr = hdul["MASK"].header
 
-    if "XY0X" in primary or "XY0Y" in primary:
-        xy0 = (int(primary.get("XY0X", 0)), int(primary.get("XY0Y", 0)))
-    elif img_hdr.get("CTYPE1A", "").strip().upper() == "LINEAR" and "CRVAL1A" in img_hdr:
-        # afw records xy0 as an alternate "A" WCS.
-        xy0 = (int(round(img_hdr["CRVAL1A"])), int(round(img_hdr.get("CRVAL2A", 0))))
-    else:
-        xy0 = (-int(round(img_hdr.get("LTV1", 0))), -int(round(img_hdr.get("LTV2", 0))))
+    try:
+        if "XY0X" in primary or "XY0Y" in primary:
+            xy0 = (int(primary.get("XY0X", 0)), int(primary.get("XY0Y", 0)))
+        elif str(img_hdr.get("CTYPE1A", "")).strip().upper() == "LINEAR" and \
+                "CRVAL1A" in img_hdr:
+            # afw records xy0 as an alternate "A" WCS.
+            xy0 = (int(round(img_hdr["CRVAL1A"])), int(round(img_hdr.get("CRVAL2A", 0))))
+        else:
+            xy0 = (-int(round(img_hdr.get("LTV1", 0))), -int(round(img_hdr.get("LTV2", 0))))
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise ImageReadError(f"cannot read FITS file {path!r}: the image origin keywords "
+                             f"(XY0X/XY0Y, CRVAL1A/CRVAL2A or LTV1/LTV2) are not integers "
+                             f"({exc}); fix or remove them") from exc
 
     planes = {}
     for card in mask_hdr.cards:
@@ -842,6 +860,7 @@ def _read_mef(path, hdul):
         raise ImageReadError(f"cannot read FITS file {path!r}: invalid mask planes in the MASK "
                              f"header ({exc})") from exc
 
+    _warn_unusable_variance(path, mi)
     wcs = _read_wcs(path, img_hdr, hdul, "IMAGE")
     if wcs is not None:
         wcs = _shift_wcs(wcs, xy0[0], xy0[1])
@@ -855,6 +874,23 @@ def _read_mef(path, hdul):
     log.debug("read %s: multi-extension %dx%d, xy0=%s", path, image.shape[1], image.shape[0],
               xy0)
     return exposure
+
+
+def _warn_unusable_variance(path, mi):
+    """Log what a stored VARIANCE plane gives no weight to (it is kept as written)."""
+    data_ok = np.isfinite(mi.image)
+    with np.errstate(invalid="ignore"):
+        bad = data_ok & ~(np.isfinite(mi.variance) & (mi.variance > 0))
+    n_bad = int(np.count_nonzero(bad))
+    if n_bad == 0:
+        return
+    if n_bad == int(np.count_nonzero(data_ok)):
+        log.warning("%s: the VARIANCE plane has no finite positive value where the image has "
+                    "data; no pixel can be weighted and PSF matching will find no usable "
+                    "kernel candidate", path)
+    else:
+        log.warning("%s: %d pixels with data have a zero, negative or non-finite variance; "
+                    "they get no weight", path, n_bad)
 
 
 def _select_plain_hdu(path, hdul, hdu):
@@ -1055,17 +1091,31 @@ def _read_plain(path, hdul, hdu):
 
     bkg, rms = _background(path, image, nodata | sat)
     gain = _header_number(merged, _GAIN_KEYS)
-    if gain is not None and gain[1] > 0:
-        rn_key = _header_number(merged, _READ_NOISE_KEYS)
-        rn = abs(rn_key[1]) if rn_key is not None else 0.0
-        variance = _gain_variance(path, image, nodata | sat, bkg, rms, gain, rn)
-    else:
-        variance = rms * rms
-        log.warning("%s: no positive GAIN/EGAIN/GAINEFF keyword; the variance is the "
-                    "background rms squared and does not include the Poisson noise of sources",
-                    path)
-    variance = np.maximum(variance, _VARIANCE_FLOOR).astype(np.float32, copy=False)
+    noise_source = "the background rms"
+    with np.errstate(over="ignore", invalid="ignore"):
+        if gain is not None and gain[1] > 0:
+            rn_key = _header_number(merged, _READ_NOISE_KEYS)
+            rn = abs(rn_key[1]) if rn_key is not None else 0.0
+            noise_source = (f"the noise keywords ({gain[0]}={gain[1]:g}, "
+                            f"{rn_key[0] if rn_key else 'RDNOISE'}={rn:g})")
+            variance = _gain_variance(path, image, nodata | sat, bkg, rms, gain, rn)
+        else:
+            variance = rms * rms
+            log.warning("%s: no positive GAIN/EGAIN/GAINEFF keyword; the variance is the "
+                        "background rms squared and does not include the Poisson noise of "
+                        "sources", path)
+        variance = np.maximum(variance, _VARIANCE_FLOOR).astype(np.float32, copy=False)
+    if not np.all(np.isfinite(variance[~nodata])):
+        raise ImageReadError(
+            f"cannot read FITS file {path!r}: {noise_source} of {label} give a non-finite "
+            f"variance (pixel values up to {float(np.abs(image).max()):.3g}); check the "
+            f"pixel values and the GAIN/RDNOISE keywords")
     variance[nodata] = np.inf
+    has_data = ~nodata
+    lo = float(np.min(image, where=has_data, initial=np.inf))
+    if lo == float(np.max(image, where=has_data, initial=-np.inf)):
+        log.warning("%s: %s is constant (every pixel with data is %g); no source can be "
+                    "detected in it", path, label, lo)
 
     mi = MaskedImage(image, mask, variance, xy0=(0, 0), mask_planes=planes)
 

@@ -46,6 +46,8 @@ FLAG_MASKED = 4       #: some PSF pixels were excluded (bad mask bits, non-finit
 FLAG_NO_DATA = 8      #: no usable pixel: flux and error are NaN
 
 DEFAULT_BAD_MASK_PLANES = ("NO_DATA", "SAT", "BAD", "EDGE")
+# Planes around which the difference is untrustworthy (see detect_dia_sources).
+DEFAULT_GROW_MASK_PLANES = ("SAT", "NO_DATA")
 _NAMED_FLAGS = ("SAT", "NO_DATA", "EDGE", "BAD")
 # Fraction of the PSF's squared weight that may be missing before the fit is flagged MASKED
 # (tiny wings lost to one bad pixel far out do not matter).
@@ -246,7 +248,8 @@ def decorrelated_psf(result, template, science, *, psf_fwhm=None, psf=None, size
 
 def detect_dia_sources(difference, *, threshold=5.0, psf_fwhm=None, psf=None,
                        bad_mask_planes=DEFAULT_BAD_MASK_PLANES, dipole_radius=2.0,
-                       min_separation=None):
+                       min_separation=None, grow_mask_planes=DEFAULT_GROW_MASK_PLANES,
+                       grow_radius=None):
     """Detect positive and negative sources on a difference image.
 
     The image is filtered with the PSF (a matched filter); with ``w = 1/V`` (zero on
@@ -277,6 +280,17 @@ def detect_dia_sources(difference, *, threshold=5.0, psf_fwhm=None, psf=None,
         ``threshold`` within ``dipole_radius × FWHM`` of it.
     min_separation : float, optional
         Minimum separation (pixels) of two peaks of one sign; default the FWHM.
+    grow_mask_planes : sequence of str
+        Mask planes whose neighbourhood is untrustworthy: around saturated cores and
+        missing data the subtraction leaves residuals outside the flagged pixels (the
+        brightest stars are the ones that saturate, so a small kernel error is many σ
+        there, and a convolution spreads whatever the masked pixels hold).  A source whose
+        peak pixel lies within ``grow_radius`` of such a pixel gets ``flag_near_masked``.
+        Names absent from the image's mask planes are ignored.
+    grow_radius : float, optional
+        Radius (pixels) of that neighbourhood; default ``2 × FWHM``.  To cover everything
+        the matching kernel touched, pass its half-width,
+        ``result.psf_matching_kernel.size // 2``.  0 flags only sources on such pixels.
 
     Returns
     -------
@@ -285,8 +299,10 @@ def detect_dia_sources(difference, *, threshold=5.0, psf_fwhm=None, psf=None,
         coordinates, sub-pixel), ``flux``, ``flux_err`` (PSF fit), ``snr`` (flux/flux_err),
         ``peak_snr`` (filtered map at the peak pixel), ``sign`` (+1/−1), ``dipole``,
         ``flags`` (``FLAG_*`` bits of the fit), ``mask`` (OR of the mask bits in a box of
-        half-width ~FWHM/2 around the peak) and boolean ``flag_sat``, ``flag_no_data``,
-        ``flag_edge``, ``flag_bad``.  The table's ``meta`` holds the threshold and FWHM.
+        half-width ~FWHM/2 around the peak), boolean ``flag_sat``, ``flag_no_data``,
+        ``flag_edge``, ``flag_bad`` (from ``mask``) and ``flag_near_masked`` (see
+        ``grow_mask_planes``).  A trustworthy detection has none of these flags.  The
+        table's ``meta`` holds the threshold, FWHM and grow radius.
 
     Raises
     ------
@@ -296,6 +312,9 @@ def detect_dia_sources(difference, *, threshold=5.0, psf_fwhm=None, psf=None,
     if not (np.isfinite(threshold) and threshold > 0):
         raise ConfigError(f"detect_dia_sources: threshold={threshold!r} must be a positive "
                           "number of sigma")
+    if grow_radius is not None and not (np.isfinite(grow_radius) and grow_radius >= 0):
+        raise ConfigError(f"detect_dia_sources: grow_radius={grow_radius!r} must be a number "
+                          "of pixels >= 0")
     mi = _as_masked_image(difference, "detect_dia_sources")
     if psf is None:
         fwhm = _resolve_fwhm(difference, psf_fwhm, "detect_dia_sources")
@@ -344,9 +363,11 @@ def detect_dia_sources(difference, *, threshold=5.0, psf_fwhm=None, psf=None,
     disc = (xx * xx + yy * yy) <= rad * rad
     flag_box = max(1, int(round(0.5 * fwhm)))
     named_bits = {n: (_bitmask(mi, (n,))) for n in _NAMED_FLAGS}
+    grow = 2.0 * fwhm if grow_radius is None else float(grow_radius)
+    near_masked = _near_mask(mi, _bitmask(mi, grow_mask_planes), grow) if rows else None
 
     out = {k: [] for k in ("x", "y", "flux", "flux_err", "snr", "peak_snr", "sign", "dipole",
-                           "flags", "mask")}
+                           "flags", "mask", "near")}
     for sign, iy, ix, dx, dy, psnr in rows:
         x = ix + dx + mi.xy0[0]
         y = iy + dy + mi.xy0[1]
@@ -366,6 +387,7 @@ def detect_dia_sources(difference, *, threshold=5.0, psf_fwhm=None, psf=None,
         out["dipole"].append(dipole)
         out["flags"].append(fl)
         out["mask"].append(mor)
+        out["near"].append(bool(near_masked is not None and near_masked[iy, ix]))
 
     t = Table()
     t["id"] = np.arange(len(rows), dtype=np.int64)
@@ -382,15 +404,29 @@ def detect_dia_sources(difference, *, threshold=5.0, psf_fwhm=None, psf=None,
     for n in _NAMED_FLAGS:
         t[f"flag_{n.lower()}"] = (t["mask"] & named_bits[n]) != 0 if named_bits[n] else \
             np.zeros(len(t), dtype=bool)
+    t["flag_near_masked"] = np.asarray(out["near"], dtype=bool)
     if len(t):
         t = t[np.argsort(-np.abs(t["peak_snr"]), kind="stable")]
         t["id"] = np.arange(len(t), dtype=np.int64)
     t.meta.update({"threshold": float(threshold), "psf_fwhm": float(fwhm),
-                   "bad_mask_planes": ",".join(bad_mask_planes)})
+                   "bad_mask_planes": ",".join(bad_mask_planes),
+                   "grow_mask_planes": ",".join(grow_mask_planes), "grow_radius": grow})
     log.info("DIA detection at %.1f sigma (PSF FWHM %.2f px): %d positive, %d negative, "
-             "%d dipole-flagged", threshold, fwhm, int((t["sign"] > 0).sum()),
-             int((t["sign"] < 0).sum()), int(t["dipole"].sum()))
+             "%d dipole-flagged, %d near masked pixels", threshold, fwhm,
+             int((t["sign"] > 0).sum()), int((t["sign"] < 0).sum()), int(t["dipole"].sum()),
+             int(t["flag_near_masked"].sum()))
     return t
+
+
+def _near_mask(mi, bits, radius):
+    """Pixels within ``radius`` (Euclidean) of a pixel carrying any of ``bits``."""
+    if not bits:
+        return np.zeros(mi.shape, dtype=bool)
+    hit = (mi.mask & bits) != 0
+    if not hit.any() or radius <= 0:
+        return hit
+    # a distance transform costs the same for any radius (a disk dilation grows with r²)
+    return ndimage.distance_transform_edt(~hit) <= radius
 
 
 def _fwhm_of(kern):

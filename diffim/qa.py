@@ -959,7 +959,9 @@ def compute_metrics(result, template, science, *, kernel_grid=7, detection_thres
 
         ``kernel_sum_center``, ``kernel_sum_min/max/std`` (over the grid),
         ``spatial_condition_number``, ``spatial_kernel_order``, ``n_good/bad/unknown_candidates``,
-        ``kernel_constraint``, ``background_constraint``;
+        ``kernel_constraint``, ``background_constraint``, ``spatial_order_reduced`` (True
+        when too few candidates made the task lower the configured spatial orders) with
+        ``spatial_kernel_order_used`` / ``spatial_bg_order_used``;
         ``candidates`` (per candidate: id, x, y, status, reason, rating, kernel_sum,
         resid_mean/std and spatial_resid_mean/std of D/σ, x2nrm_own and x2nrm_spatial);
         ``x2nrm`` (mean (D/σ)² pooled over GOOD stamps with the spatial kernel; ideal 1) and
@@ -1001,6 +1003,11 @@ def compute_metrics(result, template, science, *, kernel_grid=7, detection_thres
         "n_unknown_candidates": int(cell_counts[UNKNOWN]),
         "kernel_constraint": meta.get("kernelConstraint"),
         "background_constraint": meta.get("backgroundConstraint"),
+        # degraded but honest: the orders actually fitted when too few candidates made the
+        # task lower them (auto_reduce_spatial_order)
+        "spatial_order_reduced": bool(meta.get("spatialOrderReduced", False)),
+        "spatial_kernel_order_used": meta.get("spatialKernelOrderUsed"),
+        "spatial_bg_order_used": meta.get("spatialBgOrderUsed"),
     })
     out.update(_candidate_metrics(result))
 

@@ -56,6 +56,12 @@ in electrons and ``gain`` is e-/ADU.
   pixels, where ``excess`` is that column's expected charge above the full
   well (split up/down).  Bleed pixels are set to ``saturation`` and flagged
   ``SAT``; the variance plane keeps the unsaturated expectation there.
+  ``saturation=(template_level, science_level)`` saturates the images at
+  different levels (``None`` for one of them leaves it unsaturated).
+* **Bad columns** (``template_nan_columns`` / ``science_nan_columns``): whole
+  columns set to NaN, flagged ``NO_DATA`` with infinite variance, as
+  :func:`diffim.image.read_fits` flags non-finite pixels (a dead CCD column or a
+  gap between detectors in a stacked template).
 
 Random streams for star positions/fluxes, transients and the noise of each
 image are independent children of ``seed``, so changing ``n_transients``
@@ -392,6 +398,42 @@ def _star_flags(sat, xs, ys):
     return out
 
 
+def _saturation_levels(saturation):
+    """``(template, science)`` saturation levels (float or None) from ``saturation``."""
+    if saturation is None or np.ndim(saturation) == 0:
+        levels = (saturation, saturation)
+    else:
+        levels = tuple(saturation)
+        if len(levels) != 2:
+            raise ConfigError(f"saturation={saturation!r} must be a level, None or a "
+                              "(template, science) pair")
+    out = []
+    for level in levels:
+        if level is None:
+            out.append(None)
+            continue
+        try:
+            v = float(level)
+        except (TypeError, ValueError):
+            v = float("nan")
+        if not (np.isfinite(v) and v > 0):
+            raise ConfigError(f"saturation={saturation!r} must be a positive ADU level or "
+                              "None (or a (template, science) pair of them)")
+        out.append(v)
+    return tuple(out)
+
+
+def _nan_columns(columns, nx, name):
+    """Sorted unique column indices in ``[0, nx)``; ConfigError otherwise."""
+    try:
+        cols = sorted({int(c) for c in columns})
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name}={columns!r} must be a sequence of column indices") from None
+    if cols and not (0 <= cols[0] and cols[-1] < nx):
+        raise ConfigError(f"{name}={columns!r}: columns must be in 0..{nx - 1}")
+    return cols
+
+
 def _as_pair(value, name):
     if np.ndim(value) == 0:
         return float(value), float(value)
@@ -441,7 +483,7 @@ def simulate_pair(*, shape=(1024, 1024), n_stars=800, template_fwhm=2.5, science
                   n_transients=0, transient_flux=None, transient_sign="positive",
                   gain=1.0, read_noise=5.0, saturation=None, seed=0,
                   flux_range=(300.0, 3.0e5), flux_index=1.5, wcs=True, supersample=7,
-                  keep_model=False):
+                  keep_model=False, template_nan_columns=(), science_nan_columns=()):
     """Simulate a template and a science exposure of the same star field.
 
     See the module docstring for the full model.
@@ -485,8 +527,9 @@ def simulate_pair(*, shape=(1024, 1024), n_stars=800, template_fwhm=2.5, science
         e-/ADU.
     read_noise : float
         Read noise in electrons.
-    saturation : float or None
-        Saturation level in ADU; None disables saturation.
+    saturation : float, None or (float or None, float or None)
+        Saturation level in ADU of both images, or ``(template, science)``
+        levels; None disables saturation (of both images, or of one).
     seed : int
         Seed of every random stream.
     flux_range : tuple of 2 float
@@ -499,6 +542,9 @@ def simulate_pair(*, shape=(1024, 1024), n_stars=800, template_fwhm=2.5, science
         Subsamples per axis in the Moffat core (>= 5 recommended).
     keep_model : bool
         Also return the noiseless expected images.
+    template_nan_columns, science_nan_columns : sequence of int
+        Columns (0-based x) set to NaN, flagged ``NO_DATA`` and given infinite
+        variance in that image.
 
     Returns
     -------
@@ -506,7 +552,9 @@ def simulate_pair(*, shape=(1024, 1024), n_stars=800, template_fwhm=2.5, science
         ``truth`` holds: shape, seed, n_stars, n_transients, psf, moffat_beta,
         template_fwhm, science_fwhm, fwhm_gradient, fwhm_pattern, flux_scale,
         sky_template, sky_science, background_gradient, shift, gain,
-        read_noise, saturation, flux_range, flux_index, transient_flux
+        read_noise, saturation (float, None or [template, science]),
+        saturation_template, saturation_science, template_nan_columns,
+        science_nan_columns, flux_range, flux_index, transient_flux
         (magnitude used: default/scalar, or median |flux| of an explicit
         array), transient_sign, supersample,
         stamp_radius_fwhm, psf_normalisation, template_stamp_fraction,
@@ -530,8 +578,10 @@ def simulate_pair(*, shape=(1024, 1024), n_stars=800, template_fwhm=2.5, science
             raise ConfigError(f"{name}={val!r} must be a positive number")
     if not (np.isfinite(read_noise) and read_noise >= 0):
         raise ConfigError(f"read_noise={read_noise!r} must be >= 0 electrons")
-    if saturation is not None and not (np.isfinite(saturation) and saturation > 0):
-        raise ConfigError(f"saturation={saturation!r} must be a positive ADU level or None")
+    sat_levels = _saturation_levels(saturation)
+    nan_cols = [_nan_columns(c, nx, name) for c, name in
+                ((template_nan_columns, "template_nan_columns"),
+                 (science_nan_columns, "science_nan_columns"))]
     if int(n_stars) < 0 or int(n_transients) < 0:
         raise ConfigError(f"n_stars={n_stars!r} and n_transients={n_transients!r} must be >= 0")
     n_stars, n_transients = int(n_stars), int(n_transients)
@@ -643,7 +693,7 @@ def simulate_pair(*, shape=(1024, 1024), n_stars=800, template_fwhm=2.5, science
     mi_s = MaskedImage(img_s, variance=var_s)
     sat_t_flag = np.zeros(n_stars, bool)
     sat_s_flag = np.zeros(n_stars, bool)
-    if saturation is not None:
+    if any(level is not None for level in sat_levels):
         rad = _STAMP_RADIUS_FWHM[psf]
         all_xt = np.concatenate([xs, tx_t[~pos]])
         all_yt = np.concatenate([ys, ty_t[~pos]])
@@ -651,14 +701,22 @@ def simulate_pair(*, shape=(1024, 1024), n_stars=800, template_fwhm=2.5, science
         all_xs = np.concatenate([xs_s, tx[pos]])
         all_ys = np.concatenate([ys_s, ty[pos]])
         all_rs = np.ceil(rad * np.concatenate([fw_s, tfw[pos]])).astype(int)
-        for mi, model, ax, ay, ar in ((mi_t, model_t, all_xt, all_yt, all_rt),
-                                      (mi_s, model_s, all_xs, all_ys, all_rs)):
-            sat = _saturate(mi.image, model, float(saturation), ax, ay, ar)
+        for mi, model, ax, ay, ar, level in (
+                (mi_t, model_t, all_xt, all_yt, all_rt, sat_levels[0]),
+                (mi_s, model_s, all_xs, all_ys, all_rs, sat_levels[1])):
+            if level is None:
+                continue
+            sat = _saturate(mi.image, model, level, ax, ay, ar)
             mi.mask[sat] |= mi.get_plane_bitmask("SAT")
         sat_t = (mi_t.mask & mi_t.get_plane_bitmask("SAT")) != 0
         sat_s = (mi_s.mask & mi_s.get_plane_bitmask("SAT")) != 0
         sat_t_flag = _star_flags(sat_t, xs, ys)
         sat_s_flag = _star_flags(sat_s, xs_s, ys_s)
+    for mi, cols in ((mi_t, nan_cols[0]), (mi_s, nan_cols[1])):
+        if cols:
+            mi.image[:, cols] = np.nan
+            mi.variance[:, cols] = np.inf
+            mi.mask[:, cols] |= mi.get_plane_bitmask("NO_DATA")
 
     # ---- tables and truth -----------------------------------------------------
     stars = Table()
@@ -704,7 +762,10 @@ def simulate_pair(*, shape=(1024, 1024), n_stars=800, template_fwhm=2.5, science
         "flux_scale": float(flux_scale), "sky_template": sky_t, "sky_science": sky_s,
         "background_gradient": (b0, b1, b2), "shift": (dx, dy),
         "gain": float(gain), "read_noise": float(read_noise),
-        "saturation": None if saturation is None else float(saturation),
+        "saturation": (sat_levels[0] if sat_levels[0] == sat_levels[1]
+                       else list(sat_levels)),
+        "saturation_template": sat_levels[0], "saturation_science": sat_levels[1],
+        "template_nan_columns": nan_cols[0], "science_nan_columns": nan_cols[1],
         "flux_range": (flo, fhi), "flux_index": float(flux_index),
         "transient_flux": float(mag), "transient_sign": transient_sign,
         "supersample": supersample, "stamp_radius_fwhm": _STAMP_RADIUS_FWHM[psf],
@@ -719,7 +780,7 @@ def simulate_pair(*, shape=(1024, 1024), n_stars=800, template_fwhm=2.5, science
     # ---- exposures --------------------------------------------------------------
     w = _make_wcs((ny, nx)) if wcs else None
 
-    def header(kind, fwhm, scale, skylev):
+    def header(kind, fwhm, scale, skylev, sat_level):
         h = fits.Header()
         h["SIMTYPE"] = (kind, "diffim.simulate image kind")
         h["SIMSEED"] = (int(seed), "simulation seed")
@@ -739,16 +800,17 @@ def simulate_pair(*, shape=(1024, 1024), n_stars=800, template_fwhm=2.5, science
             h["BKG1"] = (b1, "background b1, ADU/px (x)")
             h["BKG2"] = (b2, "background b2, ADU/px (y)")
             h["NTRANS"] = (n_transients, "number of transients")
-        if saturation is not None:
-            h["SATURATE"] = (float(saturation), "saturation level, ADU")
+        if sat_level is not None:
+            h["SATURATE"] = (sat_level, "saturation level, ADU")
         h["NSTARS"] = (n_stars, "number of stars")
         return h
 
     template = Exposure(mi_t, wcs=w, psf_fwhm=float(template_fwhm), phot_scale=1.0,
-                        metadata=header("template", template_fwhm, 1.0, sky_t))
+                        metadata=header("template", template_fwhm, 1.0, sky_t, sat_levels[0]))
     science = Exposure(mi_s, wcs=copy.deepcopy(w), psf_fwhm=float(science_fwhm),
                        phot_scale=float(flux_scale),
-                       metadata=header("science", science_fwhm, flux_scale, sky_s))
+                       metadata=header("science", science_fwhm, flux_scale, sky_s,
+                                       sat_levels[1]))
     log.debug("simulated %dx%d pair: %d stars, %d transients, seed %d",
               nx, ny, n_stars, n_transients, seed)
     return SimulatedPair(template, science, stars, transients, truth,

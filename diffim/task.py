@@ -18,6 +18,7 @@ from .candidates import BAD, GOOD, SpatialCellSet, make_candidates
 from .config import ImagePsfMatchConfig
 from .convolve import convolve_masked_image
 from .exceptions import (
+    ConfigError,
     ImageShapeMismatchError,
     NoKernelCandidatesError,
 )
@@ -239,6 +240,9 @@ class ImagePsfMatchTask:
         used when no star can be measured.
         """
         if given is not None:
+            if not (np.isfinite(given) and given > 0):
+                msg = f"the {which} PSF FWHM must be a positive number of pixels, got {given!r}"
+                raise ConfigError(msg)
             return float(given)
         hint = exposure.psf_fwhm
         if hint is not None and exposure.metadata.get("FWHMSRC") != "header":
@@ -326,7 +330,7 @@ class ImagePsfMatchTask:
             mode = self.config.mode if convolve_template else "convolveScience"
         if mode not in _MODES:
             msg = f"mode must be one of {_MODES}, got {mode!r}"
-            raise ValueError(msg)
+            raise ConfigError(msg)
         if mode == "auto":
             if (template_fwhm is not None and science_fwhm is not None
                     and template_fwhm > science_fwhm):
@@ -715,6 +719,14 @@ class ImagePsfMatchTask:
             d /= np.float32(scale)
             var /= np.float32(scale**2)
         mask, planes = _merged_mask(science, matched)
+        # a non-finite pixel the inputs left unflagged must not pass for data
+        bad = ~(np.isfinite(d) & np.isfinite(var))
+        if bad.any():
+            if "NO_DATA" not in planes:
+                planes["NO_DATA"] = min(set(range(31)) - set(planes.values()))
+            d[bad] = np.nan
+            var[bad] = np.inf
+            mask[bad] |= np.int32(1 << planes["NO_DATA"])
         return MaskedImage(d, mask, var, xy0=science.xy0, mask_planes=planes)
 
     def _exposures(self, template_exposure, science_exposure, template_fwhm_pix,
