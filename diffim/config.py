@@ -802,6 +802,15 @@ class SourceSelectionConfig(_Config):
         "stamp half-width).", ge=0.0)
     max_ellipticity: float = _f(0.5, "Largest ellipticity 1 - b/a of a kernel source.",
                                 ge=0.0, le=1.0)
+    reject_blended: bool = _f(
+        True, "Reject every source sep deblended from a neighbour; false (crowded fields) "
+        "keeps them and relies on the isolation rules.")
+    neighbour_flux_fraction: float = _f(
+        0.1, "A neighbour within the isolation radius rejects a source only if brighter than "
+        "this fraction of its flux.", ge=0.0)
+    target_kernel_sources: int = _f(
+        10, "With isolation_radius null, shrink the isolation radius while fewer sources "
+        "than this survive.", ge=1)
     background_box: int = _f(64, "Background mesh size in pixels for detection.", ge=1)
     exclude_mask_planes: tuple[str, ...] = _f(
         ("NO_DATA", "BAD", "SAT", "EDGE"),

@@ -694,19 +694,21 @@ def select_kernel_sources(template, science, kernel_size, config=None, sources=N
     and counts for the error message and the log:
 
     1. S/N within [``min_snr``, ``max_snr``];
-    2. sep flags: blended (deblended), truncated, overflow or singular moments;
+    2. sep flags: blended (deblended), truncated, overflow or singular moments; with
+       ``reject_blended`` false (crowded fields) deblended sources are kept and judged by
+       the isolation rules of step 6 only;
     3. saturated (SAT pixels near the footprint);
     4. elongated: ellipticity 1 − b/a > ``max_ellipticity``;
     5. extended: half-light radius r50 above the stellar locus (the densest cluster of r50
        among the sources left so far) by more than a factor 1.2 + 3/S/N; skipped when
        fewer than 3 sources are left to define the locus;
-    6. not isolated: any detection within 2 FWHM, or a detection brighter than 10 % of the
-       source within ``isolation_radius``. Faint neighbours inside the stamp are allowed
+    6. not isolated: any detection within 2 FWHM, or a detection brighter than
+       ``neighbour_flux_fraction`` (10 %) of the source within ``isolation_radius``. Faint neighbours inside the stamp are allowed
        because they appear in both images and only add signal to the kernel fit;
        demanding empty stamps would leave too few stars in ordinary fields. When
        ``isolation_radius`` is None the radius is the stamp half-width g, reduced to g/2
-       and then to 0 (near-blends only) if fewer than max(``min_kernel_sources``, 10)
-       sources would survive all cuts (crowded fields); the radius used is logged and
+       and then to 0 (near-blends only) if fewer than max(``min_kernel_sources``,
+       ``target_kernel_sources``) sources would survive all cuts (crowded fields); the radius used is logged and
        stored in ``meta['isolation_radius']``;
     7. stamp [round(x) − g, round(x) + g]² not fully inside both images;
     8. a stamp pixel has an ``exclude_mask_planes`` bit in the template or the science image;
@@ -799,7 +801,14 @@ def select_kernel_sources(template, science, kernel_size, config=None, sources=N
 
     min_snr, max_snr = float(sel.min_snr), float(sel.max_snr)
     cut(f"outside S/N {min_snr:g}-{max_snr:g}", ~((snr >= min_snr) & (snr <= max_snr)))
-    cut("blended/truncated", (np.asarray(src["flag"], int) & _BAD_SEP_FLAGS) != 0)
+    if bool(getattr(sel, "reject_blended", True)):
+        cut("blended/truncated", (np.asarray(src["flag"], int) & _BAD_SEP_FLAGS) != 0)
+    else:
+        # crowded fields: nearly every star is deblended from some neighbour; such a star is
+        # still a good kernel source when its neighbours are faint or far (the isolation
+        # rules below), because the neighbours are in both images
+        cut("truncated", (np.asarray(src["flag"], int)
+                          & (_BAD_SEP_FLAGS & ~sep.OBJ_MERGED)) != 0)
     cut("saturated", np.asarray(src["saturated"], bool))
     cut(f"elongated (e > {float(sel.max_ellipticity):g})",
         np.asarray(src["ellipticity"], float) > float(sel.max_ellipticity))
@@ -849,12 +858,14 @@ def select_kernel_sources(template, science, kernel_size, config=None, sources=N
         # default: the stamp half-width, shrunk when a crowded field leaves too few stars
         # (a bright neighbour in the stamp is a nuisance for the kernel fit, not an error)
         radii = [float(g), g / 2.0, 0.0]
-    target = max(int(sel.min_kernel_sources), _MIN_COMFORTABLE_SOURCES)
+    target = max(int(sel.min_kernel_sources),
+                 int(getattr(sel, "target_kernel_sources", _MIN_COMFORTABLE_SOURCES)))
+    nbr_fraction = float(getattr(sel, "neighbour_flux_fraction", _NEIGHBOUR_FLUX_FRACTION))
     keep_pre, rejected_pre = keep.copy(), dict(rejected)
     outcomes = []
     for iso_r in radii:
         keep, rejected = keep_pre.copy(), dict(rejected_pre)
-        bright = (_neighbour_counts(x, y, flux, iso_r, _NEIGHBOUR_FLUX_FRACTION) > 0
+        bright = (_neighbour_counts(x, y, flux, iso_r, nbr_fraction) > 0
                   if iso_r > 0 else np.zeros(n_det, bool))
         cut("not isolated", bright | near)
         cut("stamp off the image", ~inside)

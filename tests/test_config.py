@@ -129,6 +129,9 @@ SELECT_DEFAULTS = {
     "min_kernel_sources": 3,
     "isolation_radius": None,
     "max_ellipticity": 0.5,
+    "reject_blended": True,
+    "neighbour_flux_fraction": 0.1,
+    "target_kernel_sources": 10,
     "background_box": 64,
     "exclude_mask_planes": ("NO_DATA", "BAD", "SAT", "EDGE"),
 }

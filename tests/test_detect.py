@@ -372,6 +372,68 @@ def test_select_crowded_relaxes_default_isolation():
         select_kernel_sources(*images, KSIZE, _config(isolation_radius=float(KSIZE)))
 
 
+def test_select_crowded_keeps_deblended_stars_with_faint_neighbours():
+    """Each bright star has a fainter (20 %) companion 9 px away that sep deblends from it.
+
+    The default rejects every deblended source; ``reject_blended=False`` keeps the bright
+    stars (their neighbour is below ``neighbour_flux_fraction``) and still rejects the faint
+    companions (a bright neighbour), as for a crowded bulge field.
+    """
+    rng = np.random.default_rng(7)
+    shape = (360, 360)
+    xs, ys = _grid(6, shape, 40, rng, jitter=1.0)
+    fluxes = 10 ** rng.uniform(4.6, 4.9, xs.size)
+    all_x = np.concatenate([xs, xs + 9.0])
+    all_y = np.concatenate([ys, ys + 1.0])
+    all_f = np.concatenate([fluxes, 0.2 * fluxes])
+    images = []
+    for fwhm in (2.5, 3.2):
+        img, var = _noisy(_render(shape, all_x, all_y, all_f, fwhm), rng)
+        images.append(MaskedImage(img, variance=var))
+    strict = _config(detection_threshold=5.0, isolation_radius=float(KSIZE))
+    crowded = _config(detection_threshold=5.0, isolation_radius=float(KSIZE),
+                      reject_blended=False, neighbour_flux_fraction=0.3)
+    try:
+        n_strict = len(select_kernel_sources(*images, KSIZE, strict))
+    except NoKernelCandidatesError as exc:
+        assert "blended" in str(exc)
+        n_strict = 0
+    sel = select_kernel_sources(*images, KSIZE, crowded)
+    assert len(sel) >= 20 and len(sel) > n_strict + 10
+    assert "truncated" in sel.meta["rejected"]
+    d, j = _match(sel["x"], sel["y"], all_x, all_y)
+    assert d.max() < 0.5
+    assert (j < xs.size).all()  # only the bright stars
+    # a tighter neighbour-flux limit rejects the bright stars too
+    with pytest.raises(NoKernelCandidatesError, match="not isolated"):
+        select_kernel_sources(*images, KSIZE, _config(
+            detection_threshold=5.0, isolation_radius=float(KSIZE), reject_blended=False,
+            neighbour_flux_fraction=0.1))
+
+
+def test_select_target_kernel_sources_shrinks_isolation_radius():
+    """The default radius shrinks until ``target_kernel_sources`` survive (if it can)."""
+    rng = np.random.default_rng(11)
+    shape = (360, 360)
+    xs, ys = _grid(6, shape, 40, rng, jitter=1.0)
+    xs = np.concatenate([xs, xs + 9.0])
+    ys = np.concatenate([ys, ys + rng.uniform(-1, 1, ys.size)])
+    keep = np.ones(xs.size, bool)
+    keep[6:12] = False  # six singles: enough for a target of 5 at the full radius
+    xs, ys = xs[keep], ys[keep]
+    fluxes = 10 ** rng.uniform(4.0, 4.5, xs.size)
+    images = []
+    for fwhm in (2.5, 3.2):
+        img, var = _noisy(_render(shape, xs, ys, fluxes, fwhm), rng)
+        images.append(MaskedImage(img, variance=var))
+    few = select_kernel_sources(*images, KSIZE, _config(target_kernel_sources=5,
+                                                        min_kernel_sources=3))
+    many = select_kernel_sources(*images, KSIZE, _config(target_kernel_sources=40))
+    assert few.meta["isolation_radius"] == KSIZE
+    assert many.meta["isolation_radius"] < KSIZE
+    assert len(many) > len(few)
+
+
 def test_select_errors_name_counts(scene):
     template, science, _ = scene
     with pytest.raises(InsufficientCandidatesError) as err:
