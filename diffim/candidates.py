@@ -395,7 +395,9 @@ def write_solutions(cell_set, path, provenance=None):
         "id": [c.id for c in cands], "x": [c.x for c in cands], "y": [c.y for c in cands],
         "cell_x": [c.cell[0] for c in cands], "cell_y": [c.cell[1] for c in cands],
         "rating": [c.rating for c in cands], "status": [c.status for c in cands],
-        "reason": [c.reason for c in cands],
+        # FITS strings are ASCII: escape the σ and × of the messages, undone on reading
+        "reason": [c.reason.encode("ascii", "backslashreplace").decode("ascii")
+                   for c in cands],
     }
     for name in ("mean", "std", "npix"):
         cols[f"spatial_{name}"] = [getattr(c.spatial_stats, name) if c.spatial_stats
@@ -466,7 +468,7 @@ def read_solutions(path, cell_set):
                    "inputs")
             raise DiffimError(msg)
         cand.status = str(row["status"])
-        cand.reason = str(row["reason"])
+        cand.reason = str(row["reason"]).encode("ascii").decode("unicode_escape")
         if np.isfinite(row["spatial_std"]):
             cand.spatial_stats = ResidualStats(float(row["spatial_mean"]),
                                                float(row["spatial_std"]),

@@ -707,6 +707,30 @@ def _read_table(path, what):
         raise DiffimError(f"{what} '{path}': cannot read the table ({exc})") from exc
 
 
+def _digests(template, science):
+    """Short checksums of the two images, so later steps can refuse products of other inputs."""
+    import hashlib
+
+    out = {}
+    for name, exposure in (("template_digest", template), ("science_digest", science)):
+        h = hashlib.blake2b(digest_size=8)
+        mi = exposure.masked_image
+        for plane in (mi.image, mi.mask, mi.variance):
+            h.update(plane.tobytes())
+        out[name] = h.hexdigest()
+    return out
+
+
+def _check_digests(recorded, template, science, path):
+    from .exceptions import DiffimError
+
+    for key, value in _digests(template, science).items():
+        if recorded.get(key) not in (None, value):
+            which = key.split("_")[0]
+            raise DiffimError(f"{path}: was made from another {which} image than the one "
+                              "given; the products belong to other inputs")
+
+
 def _selection_from_table(config, template, science, path):
     """Rebuild the selection of 'diffim select' from its table (same candidates, same ids)."""
     import numpy as np
@@ -717,6 +741,7 @@ def _selection_from_table(config, template, science, path):
 
     table = read_candidate_table(path)
     meta = table.meta
+    _check_digests(meta, template, science, path)
     positions = np.column_stack([np.asarray(table["x"], float), np.asarray(table["y"], float)])
     task = ImagePsfMatchTask(config)
     selection = task.make_selection(template.masked_image, science.masked_image, positions,
@@ -728,6 +753,14 @@ def _selection_from_table(config, template, science, path):
         raise DiffimError(f"{path}: lists {len(table)} candidates but the images give {n}; "
                           "the table belongs to other inputs")
     return selection, task
+
+
+def _check_solution_digests(path, template, science):
+    from astropy.io import fits
+
+    header = fits.getheader(path)
+    _check_digests({"template_digest": header.get("TDIGEST"),
+                    "science_digest": header.get("SDIGEST")}, template, science, path)
 
 
 def _cmd_warp(args):
@@ -792,7 +825,8 @@ def _cmd_select(args):
                             candidate_list=candidate_list,
                             sources=s_src if detect_on == "science" else t_src)
     write_candidate_table(selection.cell_set, args.output, meta={
-        **_table_meta(args, "select", config), "mode": mode, "template_fwhm": fwhm_t,
+        **_table_meta(args, "select", config), **_digests(template, science),
+        "mode": mode, "template_fwhm": fwhm_t,
         "science_fwhm": fwhm_s, "kernel_size": int(selection.basis.size)})
     log.info("wrote %s: %d kernel candidates (%s)", args.output,
              len(selection.cell_set.candidates()), mode)
@@ -810,8 +844,9 @@ def _cmd_solve(args):
 
     selection, task = _selection_from_table(config, template, science, args.candidates)
     task.solve(selection)
+    digests = {k[:1].upper() + "DIGEST": v for k, v in _digests(template, science).items()}
     write_solutions(selection.cell_set, args.output,
-                    provenance=dict(_provenance(args, "solve", config)))
+                    provenance={**_provenance(args, "solve", config), **digests})
     fitted = [c for c in selection.cell_set.candidates() if c.orig is not None]
     log.info("wrote %s: %d candidates fitted, %d good so far", args.output, len(fitted),
              sum(c.status == GOOD for c in fitted))
@@ -830,12 +865,14 @@ def _cmd_spatial(args):
     from .candidates import read_solutions, write_solutions
 
     selection, task = _selection_from_table(config, template, science, args.candidates)
+    _check_solution_digests(args.solutions, template, science)
     read_solutions(args.solutions, selection.cell_set)
     kernel, background, _ = task.fit_spatial(selection)
     _kernel_provenance(kernel, args, "spatial", config)
     kernel.write_fits(args.output, background=background)
-    provenance = dict(_provenance(args, "spatial", config))
-    write_solutions(selection.cell_set, args.solutions_out, provenance=provenance)
+    digests = {k[:1].upper() + "DIGEST": v for k, v in _digests(template, science).items()}
+    write_solutions(selection.cell_set, args.solutions_out,
+                    provenance={**_provenance(args, "spatial", config), **digests})
     metadata = {**task.metadata, "mode": selection.mode,
                 "templateFwhmPix": selection.template_fwhm,
                 "scienceFwhmPix": selection.science_fwhm}
