@@ -5,10 +5,17 @@ import platform
 import resource
 import sys
 
-# The simulated scene (see diffim.simulate.simulate_pair).
+# The simulated scene (see diffim.simulate.simulate_pair): LSST-like Moffat PSFs whose FWHM
+# varies across the field, 6000 stars at 4096² and the same density at other sizes.
 SCENE = dict(psf="moffat", moffat_beta=3.0, template_fwhm=3.5, science_fwhm=4.6,
              fwhm_gradient=0.2, flux_scale=1.3, n_transients=20)
+STARS_AT_4096 = 6000
 WARMUP = dict(shape=(256, 256), n_stars=80, seed=123)
+
+
+def n_stars(size):
+    """Stars in a size² scene: ``STARS_AT_4096`` scaled by area (at least 50)."""
+    return max(50, round(STARS_AT_4096 * (size / 4096) ** 2))
 
 
 def config():
@@ -41,6 +48,15 @@ def residual_sigma(masked_image):
         return float("nan")
     z = masked_image.image[good] / np.sqrt(masked_image.variance[good])
     return float(1.4826 * np.median(np.abs(z - np.median(z))))
+
+
+def load_average():
+    """The 1-minute load average (NaN where the OS does not report it): other processes on the
+    machine take CPU from the timed run, which shows as CPU/wall well below the thread count."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return float("nan")
 
 
 def machine_info():

@@ -11,8 +11,9 @@ the science image at the centre, varying across the field, 6000 stars at 4096² 
 density at other sizes) and writes it to a temporary directory.  A fresh child process then
 warms numba up on a tiny pair (so compilation is not timed), reads the pair, runs one
 ``ImagePsfMatchTask.subtract_exposures`` call and reports the stage timings the task records
-itself in ``result.metadata["timings"]`` (register/warp, fwhm, select, stamps, solve,
-convolve, subtract), then times ``decorrelate_result`` and ``write_fits``.  For each stage:
+itself in ``result.metadata["timings"]`` (warp, detect, select, solve, spatial, convolve,
+subtract) and the call as a whole, then times ``decorrelate_result`` and ``write_fits``.
+For each stage:
 wall time, CPU time (``time.process_time``, all threads) and the process's peak RSS
 (``ru_maxrss``, a high-water mark: a stage's figure is the peak reached by its end).
 """
@@ -28,16 +29,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import SCENE, WARMUP, config, machine_info, peak_rss_mb, residual_sigma
+from _common import (SCENE, STARS_AT_4096, WARMUP, config, load_average, machine_info, n_stars,
+                     peak_rss_mb, residual_sigma)
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 
-STARS_AT_4096 = 6000
-
-
-def default_stars(size):
-    return max(50, round(STARS_AT_4096 * (size / 4096) ** 2))
+_CALL = "subtract_exposures"  # the row of the whole call, after the stages it is made of
 
 
 def _timed(rows, name, func, *args):
@@ -66,11 +64,15 @@ def _child(spec):
     del tiny, w_res
 
     rows = []
+    load = load_average()
     w0, c0 = time.perf_counter(), time.process_time()
     template, science = _timed(rows, "load", lambda: (read_fits(spec["template"]),
                                                       read_fits(spec["science"])))
-    result = ImagePsfMatchTask(config()).subtract_exposures(template, science)
+    call = []
+    result = _timed(call, _CALL, ImagePsfMatchTask(config()).subtract_exposures, template,
+                    science)
     rows += [{"stage": name, **entry} for name, entry in result.metadata["timings"].items()]
+    rows += call
     decorrelated = _timed(rows, "decorrelate", decorrelate_result, result,
                           result.warped_exposure, science)
     _timed(rows, "write", write_fits, decorrelated, spec["output"])
@@ -79,7 +81,7 @@ def _child(spec):
     ny, nx = science.shape
     meta = result.metadata
     print(json.dumps({
-        "rows": rows, "mode": meta["mode"],
+        "rows": rows, "mode": meta["mode"], "load": load, "load_after": load_average(),
         "n_candidates": len(result.kernel_cell_set.candidates()),
         "kernel_size": int(result.psf_matching_kernel.size),
         "kernel_sum": float(result.psf_matching_kernel.kernel_sum(nx / 2, ny / 2)),
@@ -88,7 +90,7 @@ def _child(spec):
         "n_good": meta.get("nGoodCandidates")}))
 
 
-def render(info, size, n_stars, res, command, threads):
+def render(info, size, stars, res, command, threads):
     scene = ", ".join(f"{k}={v}" for k, v in SCENE.items())
     lines = [
         f"## Stage timings: {size}² ({info['date']}, {info['platform']}, "
@@ -100,20 +102,23 @@ def render(info, size, n_stars, res, command, threads):
         f"(numba threads: {threads or info['numba_threads']})",
         f"- Software: Python {info['python']}, diffim {info['diffim']}, numpy {info['numpy']}, "
         f"scipy {info['scipy']}, numba {info['numba']}, astropy {info['astropy']}",
-        f"- Scene: `simulate_pair(shape=({size}, {size}), n_stars={n_stars}, {scene}, "
+        f"- Scene: `simulate_pair(shape=({size}, {size}), n_stars={stars}, {scene}, "
         f"seed={size})`; `ImagePsfMatchConfig()` with `fit_for_background=True`",
         f"- Result: mode {res['mode']}, "
         f"{res['n_candidates']} kernel candidates, {res['n_good']} good, kernel "
         f"{res['kernel_size']}², kernel sum {res['kernel_sum']:.4f} (truth "
         f"{SCENE['flux_scale']}), residual σ {res['residual_sigma']:.2f} "
         f"(decorrelated {res['residual_sigma_decorrelated']:.2f})",
+        f"- 1-minute load average before / after the timed run: {res['load']:.1f} / "
+        f"{res['load_after']:.1f} (the run itself adds up to {threads or info['numba_threads']}; "
+        f"above {info['cpu_count']}, other processes were taking CPU from it)",
         "",
         "| stage | wall [s] | CPU [s] | CPU/wall | share of wall | peak RSS [MB] |",
         "|---|---:|---:|---:|---:|---:|",
     ]
     total_wall = res["rows"][-1]["wall"]
     for r in res["rows"]:
-        name = f"**{r['stage']}**" if r["stage"] == "total" else r["stage"]
+        name = {"total": "**total**", _CALL: f"*= `{_CALL}` call*"}.get(r["stage"], r["stage"])
         ratio = r["cpu"] / r["wall"] if r["wall"] > 0 else float("nan")
         lines.append(f"| {name} | {r['wall']:.2f} | {r['cpu']:.2f} | {ratio:.2f} | "
                      f"{100 * r['wall'] / total_wall:.0f}% | {r['peak_rss_mb']:.0f} |")
@@ -121,8 +126,8 @@ def render(info, size, n_stars, res, command, threads):
         "",
         "numba kernels compiled beforehand (warm-up on a 256² pair, not timed). Peak RSS is the "
         "process high-water mark at the end of each stage (it includes the warm-up and "
-        "everything still held from earlier stages); the stages from register/warp to "
-        "subtract are one `subtract_exposures` call, timed by the task itself.",
+        "everything still held from earlier stages); the stages from warp to subtract are one "
+        f"`{_CALL}` call, timed by the task itself (the italic row times the whole call).",
         "",
     ]
     return "\n".join(lines)
@@ -148,15 +153,15 @@ def main(argv=None):
     from diffim.simulate import simulate_pair, write_pair
 
     size = args.size
-    n_stars = args.stars if args.stars is not None else default_stars(size)
+    stars = args.stars if args.stars is not None else n_stars(size)
     info = machine_info()
     info["date"] = datetime.date.today().isoformat()
     command = "python benchmarks/bench_stages.py " + shlex.join(argv if argv is not None
                                                                 else sys.argv[1:])
     with tempfile.TemporaryDirectory(prefix="diffim-stages-") as tmp:
-        print(f"simulating {size}² with {n_stars} stars ...", file=sys.stderr, flush=True)
+        print(f"simulating {size}² with {stars} stars ...", file=sys.stderr, flush=True)
         t0 = time.perf_counter()
-        pair = simulate_pair(shape=(size, size), n_stars=n_stars, seed=size, **SCENE)
+        pair = simulate_pair(shape=(size, size), n_stars=stars, seed=size, **SCENE)
         tpath, spath = write_pair(pair, tmp, prefix=f"s{size}_")
         del pair
         print(f"  simulated in {time.perf_counter() - t0:.1f} s; timing stages ...",
@@ -172,7 +177,7 @@ def main(argv=None):
             raise SystemExit("benchmark child failed")
         res = json.loads(proc.stdout.strip().splitlines()[-1])
 
-    text = render(info, size, n_stars, res, command.strip(), args.threads)
+    text = render(info, size, stars, res, command.strip(), args.threads)
     print(text)
     if args.write:
         path = HERE / "RESULTS.md"

@@ -6,7 +6,8 @@ Usage::
     python benchmarks/bench_subtract.py --sizes 1024 --write
 
 For each size the parent process simulates a pair (Moffat PSFs whose FWHM varies across the
-field, template 3.5 px -> science 4.6 px at the centre, many stars), writes it to a temporary
+field, template 3.5 px -> science 4.6 px at the centre, 6000 stars at 4096² and the same
+density at other sizes), writes it to a temporary
 directory, and starts a fresh Python process that reads the pair, warms numba up on a tiny
 pair, and times one ``subtract_exposures`` call with the default configuration.  Running each
 size in its own process makes the peak RSS (``ru_maxrss``) a per-size figure.
@@ -28,17 +29,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import SCENE, WARMUP, config, machine_info, peak_rss_mb, residual_sigma
+from _common import (SCENE, STARS_AT_4096, WARMUP, config, load_average, machine_info, n_stars,
+                     peak_rss_mb, residual_sigma)
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-
-STARS_PER_MPIX = 1000  # stars per 1024x1024 pixels
-
-
-def _n_stars(size):
-    return int(STARS_PER_MPIX * (size / 1024) ** 2)
-
 
 def _timed_subtract(task, template, science):
     w0, c0 = time.perf_counter(), time.process_time()
@@ -67,6 +62,7 @@ def _child(spec):
         t0 = time.perf_counter()
         template, science = read_fits(spec["template"]), read_fits(spec["science"])
         out["read_wall"] = time.perf_counter() - t0
+        out["load"] = load_average()
         result, out["wall"], out["cpu"] = _timed_subtract(ImagePsfMatchTask(config()),
                                                           template, science)
         ny, nx = science.shape
@@ -98,20 +94,21 @@ def render(info, compile_s, rows, threads):
         f"(numba threads: {threads or info['numba_threads']})",
         f"- Software: Python {info['python']}, diffim {info['diffim']}, numpy {info['numpy']}, "
         f"scipy {info['scipy']}, numba {info['numba']}, astropy {info['astropy']}",
-        f"- Scene: `simulate_pair({scene}, n_stars={STARS_PER_MPIX} per 1024², seed=size)`; "
+        f"- Scene: `simulate_pair({scene}, n_stars={STARS_AT_4096} at 4096² scaled by area, "
+        "seed=size)`; "
         "default `ImagePsfMatchConfig()` with `fit_for_background=True`",
         f"- numba compile time (first call with an empty cache minus the warm call, "
         f"{WARMUP['shape'][0]}² pair): **{compile_s:.1f} s** — not included below",
         "",
         "| size | stars | wall [s] | CPU [s] | CPU/wall | peak RSS [MB] | read FITS [s] "
-        "| residual σ | kernel sum (truth " + str(SCENE["flux_scale"]) + ") |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| residual σ | kernel sum (truth " + str(SCENE["flux_scale"]) + ") | load |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
             f"| {r['size']}² | {r['n_stars']} | {r['wall']:.2f} | {r['cpu']:.2f} | "
             f"{r['cpu'] / r['wall']:.2f} | {r['peak_rss_mb']:.0f} | {r['read_wall']:.2f} | "
-            f"{r['residual_sigma']:.2f} | {r['kernel_sum']:.4f} |"
+            f"{r['residual_sigma']:.2f} | {r['kernel_sum']:.4f} | {r['load']:.1f} |"
         )
     lines += [
         "",
@@ -119,7 +116,8 @@ def render(info, compile_s, rows, threads):
         "convolution, subtraction), numba kernels already compiled (loaded from the cache). "
         "Peak RSS: the whole child process (reading the pair, a warm-up on the tiny pair, the "
         "subtraction). Residual σ: robust scatter of difference/√variance on unmasked pixels "
-        "(1 = noise-limited).",
+        "(1 = noise-limited). Load: the machine's 1-minute load average just before the timed "
+        "call; above the CPU count, other processes were taking CPU from it.",
         "",
     ]
     return "\n".join(lines)
@@ -154,14 +152,14 @@ def main(argv=None):
         for size in args.sizes:
             print(f"simulating {size}² ...", file=sys.stderr, flush=True)
             t0 = time.perf_counter()
-            pair = simulate_pair(shape=(size, size), n_stars=_n_stars(size), seed=size, **SCENE)
+            pair = simulate_pair(shape=(size, size), n_stars=n_stars(size), seed=size, **SCENE)
             tpath, spath = write_pair(pair, tmp, prefix=f"s{size}_")
             del pair
             print(f"  simulated in {time.perf_counter() - t0:.1f} s; timing ...",
                   file=sys.stderr, flush=True)
             res = _run_child({"kind": "size", "size": size, "template": str(tpath),
                               "science": str(spath), "threads": args.threads}, env)
-            res.update(size=size, n_stars=_n_stars(size))
+            res.update(size=size, n_stars=n_stars(size))
             rows.append(res)
             print(f"  {size}²: wall {res['wall']:.2f} s, CPU {res['cpu']:.2f} s, "
                   f"peak RSS {res['peak_rss_mb']:.0f} MB", file=sys.stderr, flush=True)

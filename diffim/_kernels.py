@@ -37,31 +37,34 @@ def correlate_valid(img, kern):
 
 
 @njit(cache=_CACHE, nogil=True)
-def correlate_separable_valid(img, kx_rows, ky_rows):
-    """Valid-mode correlation with each separable kernel ``outer(ky_rows[r], kx_rows[r])``.
+def correlate_separable_valid(img, kx_rows, x_index, ky_rows):
+    """Valid-mode correlation with each kernel ``outer(ky_rows[r], kx_rows[x_index[r]])``.
 
-    Returns an array of shape ``(n, ny_valid, nx_valid)``.  Two 1-D passes cost
-    2k operations per pixel instead of k².
+    Returns an array of shape ``(n, ny_valid, nx_valid)``, ``n = len(ky_rows)``.  Two 1-D
+    passes cost 2k operations per pixel instead of k², and the row pass is done once per
+    distinct x factor (11 for the 27 default AL functions, which share them).  The loops run
+    along rows so the compiler vectorises them.
     """
-    n, k = kx_rows.shape
+    nu, k = kx_rows.shape
+    n = ky_rows.shape[0]
     ny_in, nx_in = img.shape
     nyv = ny_in - k + 1
     nxv = nx_in - k + 1
-    out = np.zeros((n, nyv, nxv))
-    tmp = np.empty((ny_in, nxv))
-    for r in range(n):
+    tmp = np.zeros((nu, ny_in, nxv))
+    for u in range(nu):
         for y in range(ny_in):
-            for x in range(nxv):
-                s = 0.0
-                for i in range(k):
-                    s += kx_rows[r, i] * img[y, x + i]
-                tmp[y, x] = s
+            for i in range(k):
+                w = kx_rows[u, i]
+                for x in range(nxv):
+                    tmp[u, y, x] += w * img[y, x + i]
+    out = np.zeros((n, nyv, nxv))
+    for r in range(n):
+        u = x_index[r]
         for y in range(nyv):
-            for x in range(nxv):
-                s = 0.0
-                for j in range(k):
-                    s += ky_rows[r, j] * tmp[y + j, x]
-                out[r, y, x] = s
+            for j in range(k):
+                w = ky_rows[r, j]
+                for x in range(nxv):
+                    out[r, y, x] += w * tmp[u, y + j, x]
     return out
 
 
@@ -77,7 +80,13 @@ def shifted_windows(img, k):
     return out
 
 
-@njit(cache=_CACHE, nogil=True)
+# Reassociating sums lets the compiler vectorise reductions (the dot products of the normal
+# equations measured 5× faster); unlike fastmath=True it keeps NaN and inf semantics, which the
+# callers' finiteness checks rely on.
+_REASSOC = {"reassoc", "contract"}
+
+
+@njit(cache=_CACHE, nogil=True, fastmath=_REASSOC)
 def normal_equations(cols, y, w):
     """Weighted normal equations ``M = Cᵀ W C`` and ``b = Cᵀ W y``.
 
@@ -269,73 +278,81 @@ def residual_stats(diff, var, good):
 
 
 @njit(cache=_CACHE, nogil=True)
-def _or_window_1d(src, dst, half):
-    """Sliding-window OR of width 2·half+1 (van Herk–Gil-Werman, O(n) per line)."""
+def _or_row(src, dst, half):
+    """``dst[x] = OR of src[x − half … x + half]`` (clipped to the row), one shift at a time.
+
+    O(half) per pixel, but every pass is a contiguous loop the compiler vectorises; measured
+    several times faster than a van Herk–Gil-Werman running OR for kernel-sized windows.
+    """
     n = src.shape[0]
-    w = 2 * half + 1
-    nb = (n + w - 1) // w
-    m = nb * w
-    pre = np.zeros(m, dtype=np.int32)
-    suf = np.zeros(m, dtype=np.int32)
-    for i in range(m):
-        v = src[i] if i < n else 0
-        if i % w == 0:
-            pre[i] = v
-        else:
-            pre[i] = pre[i - 1] | v
-    for i in range(m - 1, -1, -1):
-        v = src[i] if i < n else 0
-        if i % w == w - 1 or i == m - 1:
-            suf[i] = v
-        else:
-            suf[i] = suf[i + 1] | v
-    for i in range(n):
-        lo = i - half
-        hi = i + half
-        if lo < 0:
-            lo = 0
-        if hi > n - 1:
-            hi = n - 1
-        # a window [lo, hi] of width <= w spans at most two blocks
-        if lo // w == hi // w:
-            acc = 0
-            for t in range(lo, hi + 1):
-                acc |= src[t]
-            dst[i] = acc
-        else:
-            dst[i] = suf[lo] | pre[hi]
+    for x in range(n):
+        dst[x] = src[x]
+    for d in range(1, min(half, n - 1) + 1):
+        for x in range(n - d):
+            dst[x] |= src[x + d]
+        for x in range(d, n):
+            dst[x] |= src[x - d]
+
+
+@njit(cache=_CACHE, nogil=True)
+def _or_column(tmp, out, y, half):
+    """Row ``y`` of ``out``: OR of rows ``y − half … y + half`` of ``tmp`` (clipped)."""
+    ny, nx = tmp.shape
+    lo = max(y - half, 0)
+    hi = min(y + half, ny - 1)
+    for x in range(nx):
+        out[y, x] = tmp[lo, x]
+    for j in range(lo + 1, hi + 1):
+        for x in range(nx):
+            out[y, x] |= tmp[j, x]
 
 
 @njit(cache=_CACHE, parallel=True)
 def or_filter_box(mask, half_x, half_y):
     """Bitwise OR of ``mask`` over a (2·half_y+1) × (2·half_x+1) box centred on each pixel."""
-    ny, nx = mask.shape
+    ny = mask.shape[0]
     tmp = np.empty_like(mask)
     out = np.empty_like(mask)
     for y in prange(ny):
-        _or_window_1d(mask[y], tmp[y], half_x)
-    tmp_t = np.ascontiguousarray(tmp.T)
-    out_t = np.empty_like(tmp_t)
-    for x in prange(nx):
-        _or_window_1d(tmp_t[x], out_t[x], half_y)
-    out[:, :] = out_t.T
+        _or_row(mask[y], tmp[y], half_x)
+    for y in prange(ny):
+        _or_column(tmp, out, y, half_y)
     return out
 
 
 @njit(cache=_CACHE, nogil=True)
 def or_filter_box_serial(mask, half_x, half_y):
     """Serial :func:`or_filter_box` for stamps, where starting threads costs more than the work."""
-    ny, nx = mask.shape
+    ny = mask.shape[0]
     tmp = np.empty_like(mask)
     out = np.empty_like(mask)
     for y in range(ny):
-        _or_window_1d(mask[y], tmp[y], half_x)
-    tmp_t = np.ascontiguousarray(tmp.T)
-    out_t = np.empty_like(tmp_t)
-    for x in range(nx):
-        _or_window_1d(tmp_t[x], out_t[x], half_y)
-    out[:, :] = out_t.T
+        _or_row(mask[y], tmp[y], half_x)
+    for y in range(ny):
+        _or_column(tmp, out, y, half_y)
     return out
+
+
+@njit(cache=_CACHE, nogil=True, fastmath=_REASSOC)
+def weighted_accumulate(acc, full, off, rows, cols):
+    """``acc[y, x] += full[y + off, x + off] · Σ_a rows[a, y] cols[a, x]``.
+
+    The weight of one spatially varying convolution term over one tile: ``rows`` (m, ty) and
+    ``cols`` (m, tx) are its per-axis factors.  ``acc`` and ``full`` share one float dtype.
+    """
+    ty, tx = acc.shape
+    m = rows.shape[0]
+    w = np.empty(tx, dtype=acc.dtype)
+    for y in range(ty):
+        r0 = rows[0, y]
+        for x in range(tx):
+            w[x] = r0 * cols[0, x]
+        for a in range(1, m):
+            ra = rows[a, y]
+            for x in range(tx):
+                w[x] += ra * cols[a, x]
+        for x in range(tx):
+            acc[y, x] += full[y + off, x + off] * w[x]
 
 
 # ---------------------------------------------------------------------------

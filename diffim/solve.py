@@ -33,6 +33,15 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
+def _distinct_rows(rows):
+    """The distinct rows of a 2-D array (first-seen order) and each row's index among them."""
+    first = {}
+    index = np.array([first.setdefault(row.tobytes(), len(first)) for row in rows],
+                     dtype=np.int64)
+    _, keep = np.unique(index, return_index=True)
+    return np.ascontiguousarray(rows[keep], dtype=np.float64), index
+
+
 def design_columns(template_stamp, basis):
     """Correlate a template stamp with every basis function over the valid region.
 
@@ -53,7 +62,8 @@ def design_columns(template_stamp, basis):
     if basis.kind == "delta-function":
         return _kernels.shifted_windows(img, k)
     if basis.is_separable:
-        raw = _kernels.correlate_separable_valid(img, np.ascontiguousarray(basis.sep_x),
+        kx, x_index = _distinct_rows(basis.sep_x)
+        raw = _kernels.correlate_separable_valid(img, kx, x_index,
                                                  np.ascontiguousarray(basis.sep_y))
         return np.tensordot(basis.transform.T, raw, axes=1)
     return np.stack([_kernels.correlate_valid(img, np.ascontiguousarray(b))

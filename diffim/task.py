@@ -208,6 +208,12 @@ class ImagePsfMatchTask:
         self.metadata.update(basis.info)
         return basis
 
+    def _basis_for(self, mode, template_fwhm, science_fwhm):
+        """The basis that convolves whichever image ``mode`` convolves to the other one."""
+        if mode == "convolveTemplate":
+            return self.make_kernel_basis(template_fwhm, science_fwhm)
+        return self.make_kernel_basis(science_fwhm, template_fwhm)
+
     def make_candidate_list(self, template, science, kernel_size, candidate_list=None,
                             sources=None):
         """Kernel-source positions: the given list, or sep detections on the science image.
@@ -364,9 +370,7 @@ class ImagePsfMatchTask:
         CandidateSelection
         """
         _check_same_grid(template, science)
-        f_conv, f_ref = ((template_fwhm, science_fwhm) if mode == "convolveTemplate"
-                         else (science_fwhm, template_fwhm))
-        basis = self.make_kernel_basis(f_conv, f_ref)
+        basis = self._basis_for(mode, template_fwhm, science_fwhm)
         positions = self.make_candidate_list(template, science, basis.size, candidate_list,
                                              sources)
         return self.make_selection(template, science, positions, mode=mode,
@@ -388,11 +392,9 @@ class ImagePsfMatchTask:
         _check_same_grid(template, science)
         to_convolve, reference = ((template, science) if mode == "convolveTemplate"
                                   else (science, template))
-        f_conv, f_ref = ((template_fwhm, science_fwhm) if mode == "convolveTemplate"
-                         else (science_fwhm, template_fwhm))
         cfg = self.kconfig
         if basis is None:
-            basis = self.make_kernel_basis(f_conv, f_ref)
+            basis = self._basis_for(mode, template_fwhm, science_fwhm)
         candidates = make_candidates(to_convolve, reference, positions, cfg, basis.size)
         cell_set = SpatialCellSet(to_convolve.bbox, cfg.size_cell_x, cfg.size_cell_y)
         for cand in candidates:

@@ -12,10 +12,10 @@ def correlate_valid(img, kern):
     return signal.correlate2d(img, kern, mode="valid")
 
 
-def correlate_separable_valid(img, kx_rows, ky_rows):
-    """Valid-mode correlation with each outer(ky, kx)."""
-    return np.array([signal.correlate2d(img, np.outer(ky, kx), mode="valid")
-                     for kx, ky in zip(kx_rows, ky_rows)])
+def correlate_separable_valid(img, kx_rows, x_index, ky_rows):
+    """Valid-mode correlation with each outer(ky_rows[r], kx_rows[x_index[r]])."""
+    return np.array([signal.correlate2d(img, np.outer(ky, kx_rows[u]), mode="valid")
+                     for u, ky in zip(x_index, ky_rows)])
 
 
 def shifted_windows(img, k):
@@ -57,6 +57,12 @@ def or_filter_box(mask, half_x, half_y):
             grown = ndimage.maximum_filter(plane, size=size, mode="constant", cval=0)
             out |= grown.astype(mask.dtype) << bit
     return out
+
+
+def weighted_accumulate(acc, full, off, rows, cols):
+    """acc + full[off:, off:] (cropped to acc) times the weight rowsᵀ @ cols."""
+    ty, tx = acc.shape
+    return acc + full[off:off + ty, off:off + tx] * (rows.T @ cols)
 
 
 def _stamp_bounds(x, y, r, shape):

@@ -21,10 +21,11 @@ def test_correlate_valid(rng):
 
 def test_correlate_separable_valid(rng):
     img = rng.normal(size=(30, 35))
-    kx = rng.normal(size=(4, 9))
-    ky = rng.normal(size=(4, 9))
-    np.testing.assert_allclose(_kernels.correlate_separable_valid(img, kx, ky),
-                               ref.correlate_separable_valid(img, kx, ky), atol=1e-11)
+    kx = rng.normal(size=(3, 9))
+    x_index = np.array([0, 2, 1, 0, 2], dtype=np.int64)  # x factors shared, as in the AL basis
+    ky = rng.normal(size=(5, 9))
+    np.testing.assert_allclose(_kernels.correlate_separable_valid(img, kx, x_index, ky),
+                               ref.correlate_separable_valid(img, kx, x_index, ky), atol=1e-11)
 
 
 def test_shifted_windows(rng):
@@ -80,6 +81,21 @@ def test_residual_stats(rng):
     assert n == n_ref == 380 - 2
     assert mean == pytest.approx(m_ref, rel=1e-12)
     assert std == pytest.approx(s_ref, rel=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("m, off", [(1, 0), (6, 10), (3, 4)])
+def test_weighted_accumulate(rng, dtype, m, off):
+    acc = rng.normal(size=(13, 17)).astype(dtype)
+    full = rng.normal(size=(13 + 2 * off + 3, 17 + 2 * off + 1)).astype(dtype)
+    rows = rng.normal(size=(m, 13)).astype(dtype)
+    cols = rng.normal(size=(m, 17)).astype(dtype)
+    expected = ref.weighted_accumulate(acc.astype(float), full.astype(float), off,
+                                       rows.astype(float), cols.astype(float))
+    _kernels.weighted_accumulate(acc, full, off, rows, cols)
+    assert acc.dtype == dtype
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(acc, expected, rtol=tol, atol=tol * np.abs(expected).max())
 
 
 @pytest.mark.parametrize("shape,hx,hy", [((50, 61), 3, 3), ((17, 9), 10, 2), ((64, 64), 0, 5)])

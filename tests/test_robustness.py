@@ -19,7 +19,6 @@ import hashlib
 import logging
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -27,7 +26,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 from astropy.io import fits
 
 from diffim import exceptions as exc
@@ -773,32 +771,28 @@ def test_ill_conditioned_candidate_is_rejected_with_its_reason(base):
     assert "max_condition_number" in rejected[0]["reason"]
     assert res.metadata["nGoodCandidates"] >= 2
 
+# The workflow's pairs-sheet errors are tested in tests/test_workflow.py.
 
-# ---------------------------------------------------------------------------------------------
-# the workflow's pairs sheet
-# ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("sheet, words", [
-    ("pair\ttemplate\tscience\na\tt.fits\ts.fits\na\tt.fits\ts.fits\n", ["'a'", "repeated"]),
-    ("pair\ttemplate\na\tt.fits\n", ["lacks the column", "science"]),
-], ids=["duplicate-id", "missing-column"])
-def test_pairs_sheet_errors_name_the_problem(sheet, words, tmp_path):
-    pytest.importorskip("snakemake", reason="snakemake is not installed")
-    shutil.copytree(ROOT / "config", tmp_path / "config")
-    for name in ("t.fits", "s.fits"):
-        (tmp_path / name).write_bytes(b"")
-    (tmp_path / "config" / "bad.tsv").write_text(sheet)
-    cfg = yaml.safe_load((tmp_path / "config" / "config.yaml").read_text())
-    cfg["pairs"] = "config/bad.tsv"
-    (tmp_path / "config" / "bad.yaml").write_text(yaml.safe_dump(cfg))
-    proc = subprocess.run([sys.executable, "-m", "snakemake", "--snakefile",
-                           str(ROOT / "Snakefile"), "--directory", str(tmp_path), "-n",
-                           "--cores", "1", "--configfile",
-                           str(tmp_path / "config" / "bad.yaml")],
-                          capture_output=True, text=True, timeout=300)
-    text = proc.stdout + proc.stderr
-    assert proc.returncode != 0
-    assert "bad.tsv" in text
-    for w in words:
-        assert w in text, text
-    assert not (tmp_path / "results").exists()
+def test_saved_kernel_on_an_image_smaller_than_it_is_a_typed_error(base):
+    pair = base["pair"]
+    task = ImagePsfMatchTask(_cli_config())
+    res = task.subtract_exposures(pair.template, pair.science)
+    k = res.psf_matching_kernel.size
+    tiny_t = pair.template.masked_image.subimage(0, 0, k - 2, k - 2)
+    tiny_s = pair.science.masked_image.subimage(0, 0, k - 2, k - 2)
+    with pytest.raises(exc.ImageShapeMismatchError, match="smaller than"):
+        task.apply(tiny_t, tiny_s, res.psf_matching_kernel, res.background_model)
+
+
+def test_overflowing_pixels_never_pass_for_data(base):
+    pair = base["pair"]
+    task = ImagePsfMatchTask(_cli_config())
+    res = task.subtract_exposures(pair.template, pair.science)
+    t = pair.template.masked_image.copy()
+    t.image[100:103, 100:103] = 3.3e38          # finite, but the kernel sum overflows float32
+    out = task.apply(t, pair.science.masked_image, res.psf_matching_kernel,
+                     res.background_model).subtracted_masked_image
+    nodata = (out.mask & out.get_plane_bitmask("NO_DATA")) != 0
+    assert nodata[101, 101]
+    assert np.all(np.isfinite(out.image[~nodata])) and np.all(np.isfinite(out.variance[~nodata]))

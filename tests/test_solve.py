@@ -8,9 +8,10 @@ from diffim.basis import make_alard_lupton_basis, make_delta_function_basis
 from diffim.candidates import BAD, GOOD, KernelCandidate, SpatialCellSet
 from diffim.config import ImagePsfMatchConfig
 from diffim.image import MaskedImage
-from diffim.solve import build_candidate, clipped_mean_std, kernel_sum_clip
+from diffim.solve import build_candidate, clipped_mean_std, design_columns, kernel_sum_clip
 from diffim.spatial import SpatialFunction, SpatialKernel, fit_spatial_kernel
 from diffim.task import ImagePsfMatchTask
+from tests import reference as ref
 
 
 def _gauss_image(shape, positions, sigma, flux=1e4):
@@ -241,3 +242,14 @@ def test_unknown_spatial_model_raises():
 
     with pytest.raises(ConfigError):
         SpatialFunction("foo", 1, (0, 0, 10, 10))
+
+
+def test_design_columns_of_the_separable_al_basis():
+    # the AL functions share their x factors; the separable path correlates each distinct one
+    # once, which must give the correlation with every full basis image
+    basis = make_alard_lupton_basis(ImagePsfMatchConfig().kernel.al)
+    assert basis.is_separable and len({r.tobytes() for r in basis.sep_x}) < basis.n
+    stamp = np.random.default_rng(4).normal(100.0, 10.0, size=(45, 50))
+    cols = design_columns(stamp, basis)
+    expected = np.array([ref.correlate_valid(stamp, b) for b in basis.images])
+    np.testing.assert_allclose(cols, expected, rtol=0, atol=1e-10 * np.abs(expected).max())
