@@ -66,34 +66,24 @@ _STAR_DENSITY = 800 / 1024**2
 _LOG_HANDLER_TAG = "_diffim_cli_handler"
 
 
-def _positive_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+def _number_type(kind, ok, wanted):
+    """An argparse type: ``kind(text)`` that must satisfy ``ok``, else "expected <wanted>"."""
+
+    def convert(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not ok(value):
+            raise argparse.ArgumentTypeError(f"expected {wanted}, got {text!r}")
+        return value
+
+    return convert
 
 
-def _non_negative_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
-
-
-def _positive_float(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
+_positive_int = _number_type(int, lambda v: v >= 1, "a positive integer")
+_non_negative_int = _number_type(int, lambda v: v >= 0, "an integer >= 0")
+_positive_float = _number_type(float, lambda v: v > 0, "a positive number")
 
 
 def _default_n_stars(size):
@@ -189,6 +179,12 @@ def build_parser():
                         "('diffim warp' output).  The workflow's subtract step")
     p.add_argument("--matched-out", type=Path, metavar="M.fits",
                    help="also write the PSF-matched image (IMAGE, MASK, VARIANCE)")
+    p.add_argument("--decorrelated-out", type=Path, metavar="D.fits",
+                   help="also write the decorrelated difference (DMTN-021 afterburner: white "
+                        "noise, variance plane that predicts it); use it for photometry")
+    p.add_argument("--psf-out", type=Path, metavar="PSF.fits",
+                   help="with --decorrelated-out: also write the decorrelated difference's "
+                        "PSF image (unit sum), for 'diffim lightcurve --psfs'")
     p.add_argument("--threads", type=_positive_int, metavar="N",
                    help="number of threads for numba (and BLAS/OpenMP); default: all cores")
     p.set_defaults(func=_cmd_subtract, _parser=p)
@@ -338,6 +334,10 @@ def build_parser():
                    help="the 'diffim spatial' kernel of each epoch")
     p.add_argument("--times", nargs="+", type=float, required=True, metavar="MJD",
                    help="time of each epoch")
+    p.add_argument("--psfs", nargs="+", type=Path, metavar="FITS",
+                   help="PSF image of each difference ('diffim subtract --psf-out'); needed "
+                        "for decorrelated differences (default: a Gaussian of the "
+                        "difference's PSF FWHM)")
     p.add_argument("--position", nargs=2, type=float, required=True, metavar=("X", "Y"),
                    help="position of the object in parent pixels of the template (or, with "
                         "--frame science, of every science image)")
@@ -445,7 +445,12 @@ def _cmd_subtract(args):
         args._parser.error("--kernel applies a saved kernel; --kernel-out cannot be given too")
     _check_inputs(args)
     _require_files(kernel=args.kernel)
-    _prepare_outputs(args.output, args.kernel_out, args.matched_out)
+    if args.psf_out is not None and args.decorrelated_out is None:
+        args._parser.error("--psf-out needs --decorrelated-out")
+    if args.decorrelated_out is not None and args.mode == "match":
+        args._parser.error("--decorrelated-out needs --mode subtract")
+    _prepare_outputs(args.output, args.kernel_out, args.matched_out, args.decorrelated_out,
+                     args.psf_out)
     _set_threads(args.threads)
 
     demo = not args.images
@@ -501,11 +506,35 @@ def _cmd_subtract(args):
         header["DIFFPROD"] = ("matched", "diffim product")
         write_fits(result.matched_exposure, args.matched_out, extra_header=header)
         log.info("wrote %s", args.matched_out)
+    if args.decorrelated_out is not None:
+        _write_decorrelated(result, template, science, args, header)
     if args.kernel_out is not None:
         _kernel_provenance(result.psf_matching_kernel, args, "subtract", config)
         result.psf_matching_kernel.write_fits(args.kernel_out, background=result.background_model)
         log.info("wrote kernel %s", args.kernel_out)
     return 0
+
+
+def _write_decorrelated(result, template, science, args, header):
+    """The DMTN-021 decorrelated difference (and its PSF) of a subtraction."""
+    from astropy.io import fits
+
+    from ._atomic import atomic_open
+    from .decorrelate import decorrelate_result
+    from .image import write_fits
+    from .photometry import decorrelated_psf
+
+    warped = result.warped_exposure if result.warped_exposure is not None else template
+    header["DIFFPROD"] = ("decorrelated difference", "diffim product")
+    write_fits(decorrelate_result(result, warped, science), args.decorrelated_out,
+               extra_header=header)
+    log.info("wrote %s", args.decorrelated_out)
+    if args.psf_out is not None:
+        hdu = fits.PrimaryHDU(decorrelated_psf(result, warped, science), header=header)
+        hdu.header["DIFFPROD"] = ("PSF of the decorrelated difference", "diffim product")
+        with atomic_open(args.psf_out) as fh:
+            hdu.writeto(fh)
+        log.info("wrote %s", args.psf_out)
 
 
 def _apply_saved_kernel(task, template, science, args):
@@ -548,7 +577,8 @@ def _qa_result_from_products(args, config, template, science):
     _require_files(**{n: getattr(args, n) for n in names})
     with open(args.metadata, encoding="utf-8") as fh:
         metadata = json.load(fh)
-    selection, _ = _selection_from_table(config, template, science, args.candidates)
+    selection, _ = _selection_from_table(config, template, science, args.candidates,
+                                         _digests(template, science))
     read_solutions(args.solutions, selection.cell_set)
     kernel = SpatialKernel.read_fits(args.kernel)
     background = BackgroundModel.read_fits(args.kernel)
@@ -721,17 +751,18 @@ def _digests(template, science):
     return out
 
 
-def _check_digests(recorded, template, science, path):
+def _check_digests(recorded, digests, path):
+    """Refuse a product whose recorded image checksums are not ``digests``."""
     from .exceptions import DiffimError
 
-    for key, value in _digests(template, science).items():
+    for key, value in digests.items():
         if recorded.get(key) not in (None, value):
             which = key.split("_")[0]
             raise DiffimError(f"{path}: was made from another {which} image than the one "
                               "given; the products belong to other inputs")
 
 
-def _selection_from_table(config, template, science, path):
+def _selection_from_table(config, template, science, path, digests):
     """Rebuild the selection of 'diffim select' from its table (same candidates, same ids)."""
     import numpy as np
 
@@ -741,7 +772,7 @@ def _selection_from_table(config, template, science, path):
 
     table = read_candidate_table(path)
     meta = table.meta
-    _check_digests(meta, template, science, path)
+    _check_digests(meta, digests, path)
     positions = np.column_stack([np.asarray(table["x"], float), np.asarray(table["y"], float)])
     task = ImagePsfMatchTask(config)
     selection = task.make_selection(template.masked_image, science.masked_image, positions,
@@ -755,12 +786,17 @@ def _selection_from_table(config, template, science, path):
     return selection, task
 
 
-def _check_solution_digests(path, template, science):
+def _header_digests(digests):
+    """``_digests`` as FITS cards (TDIGEST, SDIGEST) for the solutions files."""
+    return {k[:1].upper() + "DIGEST": v for k, v in digests.items()}
+
+
+def _check_solution_digests(path, digests):
     from astropy.io import fits
 
     header = fits.getheader(path)
     _check_digests({"template_digest": header.get("TDIGEST"),
-                    "science_digest": header.get("SDIGEST")}, template, science, path)
+                    "science_digest": header.get("SDIGEST")}, digests, path)
 
 
 def _cmd_warp(args):
@@ -842,11 +878,13 @@ def _cmd_solve(args):
 
     from .candidates import GOOD, write_solutions
 
-    selection, task = _selection_from_table(config, template, science, args.candidates)
+    digests = _digests(template, science)
+    selection, task = _selection_from_table(config, template, science, args.candidates,
+                                            digests)
     task.solve(selection)
-    digests = {k[:1].upper() + "DIGEST": v for k, v in _digests(template, science).items()}
     write_solutions(selection.cell_set, args.output,
-                    provenance={**_provenance(args, "solve", config), **digests})
+                    provenance={**_provenance(args, "solve", config),
+                                **_header_digests(digests)})
     fitted = [c for c in selection.cell_set.candidates() if c.orig is not None]
     log.info("wrote %s: %d candidates fitted, %d good so far", args.output, len(fitted),
              sum(c.status == GOOD for c in fitted))
@@ -864,15 +902,17 @@ def _cmd_spatial(args):
     from ._atomic import atomic_open
     from .candidates import read_solutions, write_solutions
 
-    selection, task = _selection_from_table(config, template, science, args.candidates)
-    _check_solution_digests(args.solutions, template, science)
+    digests = _digests(template, science)
+    selection, task = _selection_from_table(config, template, science, args.candidates,
+                                            digests)
+    _check_solution_digests(args.solutions, digests)
     read_solutions(args.solutions, selection.cell_set)
     kernel, background, _ = task.fit_spatial(selection)
     _kernel_provenance(kernel, args, "spatial", config)
     kernel.write_fits(args.output, background=background)
-    digests = {k[:1].upper() + "DIGEST": v for k, v in _digests(template, science).items()}
     write_solutions(selection.cell_set, args.solutions_out,
-                    provenance={**_provenance(args, "spatial", config), **digests})
+                    provenance={**_provenance(args, "spatial", config),
+                                **_header_digests(digests)})
     metadata = {**task.metadata, "mode": selection.mode,
                 "templateFwhmPix": selection.template_fwhm,
                 "scienceFwhmPix": selection.science_fwhm}
@@ -905,12 +945,13 @@ def _science_position(warped_path, x, y):
 
 def _cmd_lightcurve(args):
     n = len(args.differences)
-    for name in ("warped", "kernels", "times"):
-        if len(getattr(args, name)) != n:
+    for name in ("warped", "kernels", "times", "psfs"):
+        if getattr(args, name) is not None and len(getattr(args, name)) != n:
             args._parser.error(f"--{name} needs one value per difference image ({n})")
     _require_files(**{f"difference {i}": p for i, p in enumerate(args.differences)},
                    **{f"warped {i}": p for i, p in enumerate(args.warped)},
-                   **{f"kernel {i}": p for i, p in enumerate(args.kernels)})
+                   **{f"kernel {i}": p for i, p in enumerate(args.kernels)},
+                   **{f"PSF {i}": p for i, p in enumerate(args.psfs or ())})
     _prepare_outputs(args.output, args.plot)
     from astropy.io import fits
 
@@ -928,7 +969,8 @@ def _cmd_lightcurve(args):
         scales.append(kernel.kernel_sum(x, y) if mode == "convolveTemplate" else 1.0)
         positions.append((x, y))
         diffs.append(read_fits(diff_path))
-    table = light_curve(args.times, diffs, positions, flux_scale=scales)
+    psfs = None if args.psfs is None else [fits.getdata(p).astype(float) for p in args.psfs]
+    table = light_curve(args.times, diffs, positions, psf=psfs, flux_scale=scales)
     table.meta.update({"diffim_version": __version__, "step": "lightcurve",
                        "options": _options(args)})
     _write_table(table, args.output)

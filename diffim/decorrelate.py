@@ -693,24 +693,23 @@ def scale_variance(masked_image_or_exposure, *,
     """
     mi = _masked_image(masked_image_or_exposure, "masked_image_or_exposure")
     z = _noise_pixels(mi, bad_mask_planes)
+    problem = None
     if z is None or z.size < _MIN_PIXELS:
-        msg = (f"scale_variance: fewer than {_MIN_PIXELS} usable pixels (finite, positive "
-               f"variance, none of {list(bad_mask_planes)}); variance plane left unscaled")
-        warnings.warn(msg, DiffimWarning, stacklevel=2)
-        log.warning(msg)
-        factor = 1.0
+        problem = (f"fewer than {_MIN_PIXELS} usable pixels (finite, positive variance, none "
+                   f"of {list(bad_mask_planes)})")
     else:
         med = np.median(z)
         factor = float((_MAD_TO_SIGMA * np.median(np.abs(z - med))) ** 2)
         if not (math.isfinite(factor) and factor > 0):
-            msg = (f"scale_variance: measured noise factor {factor!r} is not usable (constant "
-                   f"image?); variance plane left unscaled")
-            warnings.warn(msg, DiffimWarning, stacklevel=2)
-            log.warning(msg)
-            factor = 1.0
-        else:
-            log.info("Variance plane scaled by %.4f (noise measured in %d source-free pixels)",
-                     factor, z.size)
+            problem = f"measured noise factor {factor!r} is not usable (constant image?)"
+    if problem is not None:
+        msg = f"scale_variance: {problem}; variance plane left unscaled"
+        warnings.warn(msg, DiffimWarning, stacklevel=2)
+        log.warning(msg)
+        factor = 1.0
+    else:
+        log.info("Variance plane scaled by %.4f (noise measured in %d source-free pixels)",
+                 factor, z.size)
     new_mi = mi.copy()
     new_mi.variance = (new_mi.variance.astype(np.float64) * factor).astype(np.float32)
     if isinstance(masked_image_or_exposure, Exposure):

@@ -56,7 +56,8 @@ PAIR_PRODUCTS = (
     "warp/template.fits", "detect/template_sources.ecsv", "detect/science_sources.ecsv",
     "select/candidates.ecsv", "solve/solutions.fits", "spatial/kernel.fits",
     "spatial/solutions.fits", "spatial/metadata.json", "subtract/diff.fits",
-    "subtract/matched.fits", "qa/metrics.json", "qa/plots/candidates.png",
+    "subtract/matched.fits", "subtract/diff_decorrelated.fits",
+    "subtract/psf_decorrelated.fits", "qa/metrics.json", "qa/plots/candidates.png",
     "qa/plots/kernel_basis.png", "qa/plots/kernel_mosaic.png", "qa/plots/spatial_model.png",
     "qa/plots/spatial_cells.png", "qa/plots/difference.png",
 )
@@ -316,7 +317,7 @@ def test_saao_example_config_dry_run(shared_data):
 
 @pytest.mark.slow
 def test_lightcurve_command_measures_a_transient(demo_run):
-    """`diffim lightcurve` on the demo differences recovers a simulated transient's flux."""
+    """`diffim lightcurve` on a decorrelated demo difference recovers a transient's flux."""
     import numpy as np
     from astropy.table import Table
 
@@ -328,7 +329,8 @@ def test_lightcurve_command_measures_a_transient(demo_run):
     out = repo / "lc.ecsv"
     proc = subprocess.run(
         [sys.executable, "-m", "diffim", "lightcurve",
-         "--differences", str(res / "demo1/subtract/diff.fits"),
+         "--differences", str(res / "demo1/subtract/diff_decorrelated.fits"),
+         "--psfs", str(res / "demo1/subtract/psf_decorrelated.fits"),
          "--warped", str(res / "demo1/warp/template.fits"),
          "--kernels", str(res / "demo1/spatial/kernel.fits"),
          "--times", "1.0", "--position", str(x), str(y), "--frame", "science",

@@ -1,11 +1,12 @@
 # Survey target: forced-photometry light curves of chosen objects (light_curve.objects)
-# through every pair's difference image; the pairs share one template and the sheet has an
+# through every pair's decorrelated difference image, with its PSF; the pairs share one template and the sheet has an
 # `mjd` column.
 
 
 rule light_curve:
     input:
-        diffs=expand("results/{pair}/subtract/diff.fits", pair=PAIRS),
+        diffs=expand("results/{pair}/subtract/diff_decorrelated.fits", pair=PAIRS),
+        psfs=expand("results/{pair}/subtract/psf_decorrelated.fits", pair=PAIRS),
         warped=expand("results/{pair}/warp/template.fits", pair=PAIRS),
         kernels=expand("results/{pair}/spatial/kernel.fits", pair=PAIRS),
     output:
@@ -33,6 +34,6 @@ rule light_curve:
         frame=config["light_curve"]["frame"],
     shell:
         "{params.diffim} lightcurve --differences {input.diffs:q} --warped {input.warped:q} "
-        "--kernels {input.kernels:q} --times {params.times} --position {params.position} "
+        "--kernels {input.kernels:q} --psfs {input.psfs:q} --times {params.times} --position {params.position} "
         "--frame {params.frame} -o {output.table:q} --plot {output.plot:q} "
         "--title {wildcards.object:q} > {log:q} 2>&1"

@@ -1,4 +1,5 @@
-# Step 6: apply the kernel model: the PSF-matched template and the difference image.
+# Step 6: apply the kernel model: the PSF-matched template, the difference image, and the
+# decorrelated difference with its PSF (DMTN-021; what photometry should use).
 
 
 rule subtract:
@@ -10,6 +11,8 @@ rule subtract:
     output:
         diff="results/{pair}/subtract/diff.fits",
         matched="results/{pair}/subtract/matched.fits",
+        decorrelated="results/{pair}/subtract/diff_decorrelated.fits",
+        psf="results/{pair}/subtract/psf_decorrelated.fits",
     log:
         "logs/subtract/{pair}.log",
     benchmark:
@@ -25,5 +28,7 @@ rule subtract:
         options=step_options("subtract"),
     shell:
         "{params.diffim} subtract {input.template:q} {input.science:q} --kernel {input.kernel:q} "
-        "-o {output.diff:q} --matched-out {output.matched:q} --config {input.config:q} "
+        "-o {output.diff:q} --matched-out {output.matched:q} "
+        "--decorrelated-out {output.decorrelated:q} --psf-out {output.psf:q} "
+        "--config {input.config:q} "
         "--threads {threads} > {log:q} 2>&1"
